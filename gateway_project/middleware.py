@@ -1,0 +1,52 @@
+"""Request-id plumbing: every response carries ``x-request-id``."""
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponseBase
+
+# A caller-supplied id is kept only when it is short and harmless to log.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def request_id_for(request: HttpRequest) -> str:
+    supplied = request.headers.get("x-request-id", "")
+    return supplied if _SAFE_ID.match(supplied) else f"req_{uuid.uuid4().hex}"
+
+
+class RequestIdMiddleware:
+    """Sets ``request.request_id`` and echoes it as the ``x-request-id`` header."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest):  # type: ignore[no-untyped-def]
+        if self.is_async:
+            return self.__acall__(request)
+        request.request_id = request_id_for(request)  # type: ignore[attr-defined]
+        response = self.get_response(request)
+        response["x-request-id"] = request.request_id  # type: ignore[attr-defined,index]
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        request.request_id = request_id_for(request)  # type: ignore[attr-defined]
+        response = await self.get_response(request)  # type: ignore[misc]
+        response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
+        return response
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    """The caller's address as the server saw it (proxies: see TRUSTED_PROXIES)."""
+    return request.META.get("REMOTE_ADDR") or None

@@ -1,0 +1,67 @@
+import pytest
+
+
+def test_health_answers_healthy(client):
+    response = client.get("/health")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "healthy"}
+    assert response["x-request-id"].startswith("req_")
+
+
+def test_liveness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.django_db
+def test_readiness_checks_database_and_redis(client):
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"database": "ok", "cache": "ok"}
+
+
+@pytest.mark.django_db
+def test_readiness_is_503_when_redis_is_down(client, settings):
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",
+            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2},
+        }
+    }
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["checks"] == {"database": "ok", "cache": "down"}
+
+
+def test_metrics_are_prometheus_text(client):
+    response = client.get("/metrics")
+
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    assert b"python_info" in response.content
+
+
+def test_unknown_api_path_answers_in_the_envelope(client):
+    response = client.get("/api/nothing-here", HTTP_X_REQUEST_ID="abc-123")
+
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": "No route for GET /api/nothing-here",
+            "type": "not_found_error",
+            "code": "not_found",
+            "param": None,
+        }
+    }
+    assert response["x-request-id"] == "abc-123"
+
+
+def test_openapi_schema_is_served(client):
+    response = client.get("/api/schema/")
+
+    assert response.status_code == 200
+    assert b"openapi" in response.content
