@@ -29,11 +29,12 @@ dev-deps: $(VENV)/.dev-deps
 run: deps
 	HOST="$(HOST)" PORT="$(PORT)" scripts/run.sh
 
-## test: lint, then the whole suite against throwaway PostgreSQL and Redis.
+## test: lint and typecheck, then the whole suite against throwaway PostgreSQL and Redis.
 test: export SECRET_KEY := make-test-only-secret-key-never-used-in-production
 test: export GATEWAY_ADMIN_KEY := make-test-admin-key
 test: dev-deps
 	$(BIN)/ruff check .
+	$(BIN)/mypy .
 	scripts/with-services.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: dev-deps

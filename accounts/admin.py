@@ -10,13 +10,13 @@ from accounts.admin_base import AuditedAdmin, ReadOnlyAdmin
 from accounts.models import AuditLogEntry, RevokedToken, User
 
 
-class OperatorCreationForm(BaseUserCreationForm):  # type: ignore[type-arg]
+class OperatorCreationForm(BaseUserCreationForm):
     class Meta:
         model = User
         fields = ("email", "display_name", "role")
 
 
-class OperatorChangeForm(forms.ModelForm):  # type: ignore[type-arg]
+class OperatorChangeForm(forms.ModelForm):
     class Meta:
         model = User
         fields = ("email", "display_name", "role", "is_active", "metadata")
@@ -44,10 +44,12 @@ class UserAdmin(AuditedAdmin):
     ordering = ("email",)
     readonly_fields = ("created_by", "last_login", "created_at", "updated_at")
 
-    def get_form(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
         if obj is None:
             kwargs["form"] = self.add_form
-        return super().get_form(request, obj, **kwargs)
+        return super().get_form(request, obj, change, **kwargs)
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:

@@ -41,7 +41,7 @@ class AuditedAdmin(admin.ModelAdmin):
         details: dict[str, Any],
     ) -> None:
         audit_log_record(
-            actor=request.user if request.user.is_authenticated else None,  # type: ignore[arg-type]
+            actor=request.user if request.user.is_authenticated else None,
             action=f"{self.audit_resource_type}.{action}",
             resource_type=self.audit_resource_type,
             resource_id=str(obj),

@@ -42,7 +42,7 @@ class RequestIdMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         request.request_id = request_id_for(request)  # type: ignore[attr-defined]
-        response = await self.get_response(request)  # type: ignore[misc]
+        response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
         return response
 

@@ -9,7 +9,7 @@ from accounts.admin_base import AuditedAdmin
 from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCredential
 
 
-class ProviderCredentialForm(forms.ModelForm):  # type: ignore[type-arg]
+class ProviderCredentialForm(forms.ModelForm):
     # Write-only: the stored key is never rendered back into the page.
     api_key = forms.CharField(
         required=False,

@@ -15,6 +15,13 @@ owner=$(sed -n 's/^Owner [a-z ]*: \([^ ]*\).*/\1/p' <<<"$seed" | head -n1)
 password=$(sed -n 's/^Generated password (shown once): //p' <<<"$seed")
 key=$(sed -n 's/^Demo key: //p' <<<"$seed")
 base="http://$HOST:$PORT"
+if [[ -n "$password" ]]; then
+    password_note="$password   (generated; shown this once)"
+elif [[ -n "${GATEWAY_OWNER_PASSWORD:-}" ]]; then
+    password_note="(from GATEWAY_OWNER_PASSWORD)"
+else
+    password_note="(printed when it was created; reset: .venv/bin/python manage.py setup_gateway --email $owner --reset-password)"
+fi
 
 cat <<BANNER
 
@@ -22,7 +29,7 @@ cat <<BANNER
 
   Admin:    $base/admin/
   Login:    $owner
-  Password: ${password:-(set when the owner was created; GATEWAY_OWNER_PASSWORD, or reset with: .venv/bin/python manage.py setup_gateway --email $owner --reset-password)}
+  Password: $password_note
   Demo key: $key
   API docs: $base/api/docs/
 

@@ -21,7 +21,10 @@
 # Several runs may go on at once: each has its own temp dir and ports.
 set -euo pipefail
 
-log() { printf 'with-services: %s\n' "$*" >&2; }
+# Our messages go to a copy of stderr: a trap may fire while some command's
+# output is redirected to a log file, and its messages must not end up there.
+exec {ERR_FD}>&2
+log() { printf 'with-services: %s\n' "$*" >&"$ERR_FD"; }
 die() { log "error: $*"; exit 1; }
 
 if [[ $# -eq 0 ]]; then
@@ -32,7 +35,7 @@ fi
 # --- Reuse the developer's own servers ---------------------------------------
 if [[ "${WITH_SERVICES_REUSE:-}" == 1 && -n "${DATABASE_URL:-}" && -n "${REDIS_URL:-}" ]]; then
     log "WITH_SERVICES_REUSE=1: using existing DATABASE_URL and REDIS_URL"
-    exec "$@"
+    exec "$@" {ERR_FD}>&-
 fi
 
 IS_ROOT=0
@@ -94,7 +97,7 @@ install_missing() {
         } </dev/null >"$apt_log" 2>&1 || rc=$?
         [[ $own_policy -eq 1 ]] && rm -f /usr/sbin/policy-rc.d
         if [[ $rc -ne 0 ]]; then
-            tail -n 30 "$apt_log" >&2
+            tail -n 30 "$apt_log" >&"$ERR_FD"
             die "apt-get failed (exit $rc) installing: $missing (full log: $apt_log)"
         fi
         rm -f "$apt_log"
@@ -136,17 +139,31 @@ free_port() {
 # Run a PostgreSQL binary as the server's owner, from a directory it can read.
 as_pg() {
     if [[ $IS_ROOT -eq 1 ]]; then
-        (cd "$TMP" && runuser -u postgres -- "$@")
+        (cd "$TMP" && exec runuser -u postgres -- "$@" {ERR_FD}>&-)
     else
-        (cd "$TMP" && "$@")
+        (cd "$TMP" && exec "$@" {ERR_FD}>&-)
     fi
+}
+
+# Is process $1 running? A zombie (exited, not yet reaped: pg_ctl's postmaster
+# is reparented to PID 1, which may reap it late) counts as gone.
+alive() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }           # the fields after "pid (comm) "
+    [[ ${stat:0:1} != Z ]]
+}
+
+# Shows the end of a log file (if any) on our stderr, for failures.
+show_log() {
+    if [[ -s "$1" ]]; then tail -n 20 "$1" >&"$ERR_FD" || true; fi
 }
 
 # Waits up to $1 seconds for process $2 to exit; kills it hard after that.
 stop_pid() {
     local secs=$1 pid=$2 i
     for ((i = 0; i < secs * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        alive "$pid" || return 0
         sleep 0.1
     done
     kill -KILL "$pid" 2>/dev/null || true
@@ -165,7 +182,7 @@ cleanup() {
     CLEANED=1
     set +e
     # The command, if still running (we were interrupted).
-    if [[ -n "$CMD_PID" ]] && kill -0 "$CMD_PID" 2>/dev/null; then
+    if [[ -n "$CMD_PID" ]] && alive "$CMD_PID"; then
         log "stopping the command (pid $CMD_PID)"
         kill -TERM "$CMD_PID" 2>/dev/null
         stop_pid 10 "$CMD_PID"
@@ -215,7 +232,7 @@ PG_LOG="$TMP/postgres.log"
 
 as_pg "$PG_BIN/initdb" -D "$PGDATA_DIR" -U postgres --auth=trust \
     --encoding=UTF8 --no-locale --no-sync >"$TMP/initdb.log" 2>&1 ||
-    { tail -n 20 "$TMP/initdb.log" >&2; die "initdb failed"; }
+    { show_log "$TMP/initdb.log"; die "initdb failed"; }
 
 # Throwaway server: loopback only, socket in our private dir, no durability.
 cat >>"$PGDATA_DIR/postgresql.conf" <<EOF
@@ -238,12 +255,12 @@ EOF
 
 # Start on a free port; if another process grabbed it meanwhile, try another.
 for attempt in 1 2 3; do
-    PG_PORT=$(free_port)
+    PG_PORT=$(free_port) || die "no free port found"
     if as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$PG_LOG" -o "-p $PG_PORT" -w -t 30 start >/dev/null 2>&1; then
         break
     fi
-    if [[ $attempt -eq 3 ]] || ! grep -q 'could not bind\|already in use' "$PG_LOG" 2>/dev/null; then
-        tail -n 20 "$PG_LOG" >&2 2>/dev/null
+    if [[ $attempt -eq 3 ]] || ! grep -qs 'already in use' "$PG_LOG"; then
+        show_log "$PG_LOG"
         die "PostgreSQL did not start"
     fi
     log "port $PG_PORT taken, retrying"
@@ -253,7 +270,7 @@ PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid")
 for ((i = 0; ; i++)); do
     "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres && break
     if ((i >= 300)); then
-        tail -n 20 "$PG_LOG" >&2
+        show_log "$PG_LOG"
         die "PostgreSQL not accepting connections on port $PG_PORT after 30 s"
     fi
     sleep 0.1
@@ -263,29 +280,30 @@ log "PostgreSQL $("$PG_BIN/postgres" -V | awk '{print $3}') on 127.0.0.1:$PG_POR
 # --- Redis -------------------------------------------------------------------
 REDIS_LOG="$TMP/redis/redis.log"
 for attempt in 1 2 3; do
-    REDIS_PORT=$(free_port)
+    REDIS_PORT=$(free_port) || die "no free port found"
     # In the background (not daemonized) so its pid is known at once; all its
-    # fds are redirected so it never holds the caller's pipes open.
+    # fds are redirected so it never holds the caller's pipes open. Errors
+    # before it opens its log file (bad options) go to redis.out.
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
         --daemonize no --dir "$TMP/redis" --pidfile "$TMP/redis/redis.pid" \
-        --logfile "$REDIS_LOG" </dev/null >/dev/null 2>&1 9>&- &
+        --logfile "$REDIS_LOG" </dev/null >"$TMP/redis/redis.out" 2>&1 {ERR_FD}>&- &
     REDIS_PID=$!
     for ((i = 0; i < 150; i++)); do
         [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]] && break 2
-        kill -0 "$REDIS_PID" 2>/dev/null || break  # died, e.g. port taken
+        alive "$REDIS_PID" || break  # died, e.g. port taken
         sleep 0.1
     done
-    if kill -0 "$REDIS_PID" 2>/dev/null; then
-        tail -n 20 "$REDIS_LOG" >&2 2>/dev/null
+    if alive "$REDIS_PID"; then
+        show_log "$TMP/redis/redis.out"; show_log "$REDIS_LOG"
         die "Redis did not answer PING on port $REDIS_PORT after 15 s"
     fi
     wait "$REDIS_PID" 2>/dev/null || true
     REDIS_PID=""
-    if [[ $attempt -eq 3 ]]; then
-        tail -n 20 "$REDIS_LOG" >&2 2>/dev/null
+    if [[ $attempt -eq 3 ]] || ! grep -qs 'already in use' "$REDIS_LOG"; then
+        show_log "$TMP/redis/redis.out"; show_log "$REDIS_LOG"
         die "Redis did not start"
     fi
-    log "Redis failed on port $REDIS_PORT, retrying"
+    log "port $REDIS_PORT taken, retrying"
 done
 log "Redis $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p') on 127.0.0.1:$REDIS_PORT"
 
@@ -299,9 +317,9 @@ log "running: $*"
 # instead of after the command ends. Bash would give a background command
 # /dev/null as stdin, so pass ours on explicitly (if we have one).
 if { : <&0; } 2>/dev/null; then
-    "$@" <&0 &
+    "$@" <&0 {ERR_FD}>&- &
 else
-    "$@" </dev/null &
+    "$@" </dev/null {ERR_FD}>&- &
 fi
 CMD_PID=$!
 rc=0

@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import admin, messages
@@ -8,6 +8,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from accounts.admin_base import AuditedAdmin, format_micros
+from accounts.models import User
 from gateway_project.middleware import client_ip
 from tenants.models import Organization, Team, VirtualKey
 from tenants.services import virtual_key_issue, virtual_key_revoke
@@ -208,7 +209,7 @@ class TeamAdmin(AuditedAdmin):
         )
 
 
-class VirtualKeyAddForm(forms.ModelForm):  # type: ignore[type-arg]
+class VirtualKeyAddForm(forms.ModelForm):
     class Meta:
         model = VirtualKey
         fields = ("team", "alias", "expires_at")
@@ -289,11 +290,13 @@ class VirtualKeyAdmin(AuditedAdmin):
         ),
     ]
 
-    def get_form(self, request: HttpRequest, obj: Any = None, **kwargs: Any) -> Any:
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
         if obj is None:
             kwargs["form"] = VirtualKeyAddForm
             kwargs["fields"] = VirtualKeyAddForm.Meta.fields
-        return super().get_form(request, obj, **kwargs)
+        return super().get_form(request, obj, change, **kwargs)
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
@@ -315,7 +318,7 @@ class VirtualKeyAdmin(AuditedAdmin):
             team=form.cleaned_data["team"],
             alias=form.cleaned_data["alias"],
             expires_at=form.cleaned_data["expires_at"],
-            actor=request.user,  # type: ignore[arg-type]
+            actor=cast(User, request.user),
         )
         obj.pk = key.pk
         obj._state.adding = False
@@ -328,7 +331,7 @@ class VirtualKeyAdmin(AuditedAdmin):
         count = 0
         for key in queryset:
             if virtual_key_revoke(
-                key=key, actor=request.user, ip_address=client_ip(request)
-            ):  # type: ignore[arg-type]
+                key=key, actor=cast(User, request.user), ip_address=client_ip(request)
+            ):
                 count += 1
         self.message_user(request, f"Revoked {count} key(s).")
