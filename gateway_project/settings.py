@@ -6,6 +6,7 @@ a local-memory cache and Celery tasks executed eagerly in-process.
 
 import os
 import secrets
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -201,11 +202,13 @@ STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
 # Serve straight from the apps' static folders when collectstatic has not run
 # (the embedded default); production images run collectstatic.
 WHITENOISE_USE_FINDERS = not STATIC_ROOT.exists()
+if WHITENOISE_USE_FINDERS:
+    # Expected before collectstatic has run: the finders serve the files.
+    warnings.filterwarnings("ignore", message="No directory at", module="whitenoise")
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
-FORMS_URLFIELD_ASSUME_HTTPS = True
 
 # --- Logging --------------------------------------------------------------
 LOG_LEVEL = env_choice(

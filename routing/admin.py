@@ -10,6 +10,12 @@ from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCre
 
 
 class ProviderCredentialForm(forms.ModelForm):
+    api_base = forms.URLField(
+        required=False,
+        max_length=500,
+        assume_scheme="https",
+        help_text="Leave blank for the provider's default endpoint.",
+    )
     # Write-only: the stored key is never rendered back into the page.
     api_key = forms.CharField(
         required=False,

@@ -4,7 +4,7 @@
 # Usage: scripts/with-services.sh <command> [args...]
 #
 #   1. Installs what is missing from Debian's packages (as root only):
-#      postgresql, redis-server, chromium + chromium-driver.
+#      postgresql, redis-server, chromium + chromium-driver, docker-compose.
 #   2. Starts a fresh PostgreSQL cluster (initdb in a mktemp -d directory) and
 #      a redis-server, each on its own free port on 127.0.0.1.
 #   3. Runs the command with these exported:
@@ -64,6 +64,9 @@ missing_packages() {
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null || pkgs+=(redis-server)
     # Browser for the admin browser tests (Selenium + chromedriver).
     [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] || pkgs+=(chromium chromium-driver)
+    # For the test that validates docker-compose.yml (no engine is needed).
+    command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 \
+        || pkgs+=(docker-compose)
     echo "${pkgs[*]}"
 }
 
@@ -91,6 +94,8 @@ install_missing() {
         fi
         local rc=0 apt_log
         apt_log=$(mktemp -t with-services-apt.XXXXXXXX.log)
+        # $missing is split into package names on purpose.
+        # shellcheck disable=SC2086
         {
             apt-get update -qq &&
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
@@ -275,7 +280,7 @@ for ((i = 0; ; i++)); do
     fi
     sleep 0.1
 done
-log "PostgreSQL $("$PG_BIN/postgres" -V | awk '{print $3}') on 127.0.0.1:$PG_PORT"
+log "PostgreSQL $("$PG_BIN/postgres" -V | awk '{print $3}') on 127.0.0.1:$PG_PORT (in $TMP)"
 
 # --- Redis -------------------------------------------------------------------
 REDIS_LOG="$TMP/redis/redis.log"

@@ -320,7 +320,9 @@ class VirtualKeyAdmin(AuditedAdmin):
             expires_at=form.cleaned_data["expires_at"],
             actor=cast(User, request.user),
         )
+        # The admin goes on with `obj` (messages, redirect): make it the issued row.
         obj.pk = key.pk
+        obj.refresh_from_db()
         obj._state.adding = False
         messages.warning(
             request, f"Copy the new key now, it will not be shown again: {plaintext}"

@@ -175,6 +175,16 @@ def test_key_added_in_admin_is_shown_once_then_never(owner_client, seeded):
     plaintext = shown[0].rsplit(": ", 1)[1]
     key = VirtualKey.objects.get(alias="from-admin")
     assert plaintext.startswith(key.display_prefix + "_")
+    added = [
+        str(m)
+        for m in response.context["messages"]
+        if "was added successfully" in str(m)
+    ]
+    link = reverse("admin:tenants_virtualkey_change", args=[key.pk])
+    assert added == [
+        f'The virtual key “<a href="{link}">{key}</a>” was added successfully.'
+    ]
+    assert str(key).startswith(key.display_prefix)
     assert (
         plaintext
         not in owner_client.get(_url(VirtualKey, "change", key.pk)).content.decode()
@@ -221,3 +231,13 @@ def test_read_only_operator_can_view_but_not_change(seeded):
         reverse("admin:tenants_team_change", args=[team_pk]), {"team_alias": "hacked"}
     )
     assert response.status_code == 403
+
+
+def test_admin_header_names_the_deployment_mode(owner_client):
+    html = owner_client.get(reverse("admin:index")).content.decode()
+
+    assert "LLM Gateway" in html
+    assert (
+        '<span class="gateway-mode" title="PostgreSQL and Redis">production</span>'
+        in html
+    )
