@@ -48,5 +48,5 @@ class RequestIdMiddleware:
 
 
 def client_ip(request: HttpRequest) -> str | None:
-    """The caller's address as the server saw it (proxies: see TRUSTED_PROXIES)."""
+    """The caller's address as the server saw it (REMOTE_ADDR)."""
     return request.META.get("REMOTE_ADDR") or None
