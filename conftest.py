@@ -2,11 +2,20 @@
 starts throwaway instances and exports DATABASE_URL and REDIS_URL."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import pytest
 from django.conf import settings
 from django.core.cache import cache
+from django.db import connection
 from django.test import Client
 
 from accounts.models import Role, User
@@ -28,6 +37,9 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if not os.environ.get("REDIS_URL"):
         raise pytest.UsageError("REDIS_URL is not set: use `make test`.")
+    # Production-strength hashing costs ~0.3 s a password; tests create many
+    # operators. test_password_is_stored_hashed checks the real hasher.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +87,69 @@ def team(organization: Organization, model_group: ModelGroup) -> Team:
     credit_account_open(team=team)
     credits_allocate(team=team, amount_micros=100 * MICROS, idempotency_key="t:alloc")
     return team
+
+
+@dataclass
+class RunningServer:
+    url: str
+    admin_key: str
+    log: Path
+
+
+@pytest.fixture
+def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningServer]:
+    """The production stack — gunicorn with a uvicorn worker, ASGI — serving
+    the test database over real HTTP on a free loopback port."""
+    database = connection.settings_dict
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "DATABASE_URL": (
+            f"postgresql://{quote(database['USER'] or '')}:{quote(database['PASSWORD'] or '')}"
+            f"@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+        ),
+        "SECRET_KEY": settings.SECRET_KEY,
+        "GATEWAY_ADMIN_KEY": "running-server-admin-key",
+    }
+    log = tmp_path / "server.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("gunicorn")),
+                "gateway_project.asgi:application",
+                "-k",
+                "uvicorn_worker.UvicornWorker",
+                "-b",
+                f"127.0.0.1:{port}",
+                "-w",
+                "1",
+                "--graceful-timeout",
+                "2",
+            ],
+            cwd=Path(__file__).parent,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"server did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    yield RunningServer(url=url, admin_key=env["GATEWAY_ADMIN_KEY"], log=log)
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    # The server's connections must be gone before the test database is flushed.
+    connection.close()

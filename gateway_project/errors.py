@@ -139,14 +139,18 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Any:
         message, param = _first_validation_error(exc.detail)
     else:
         detail = getattr(exc, "detail", "")
+        if isinstance(detail, dict):
+            # simplejwt's InvalidToken carries {"detail": ..., "messages": [...]}.
+            detail = detail.get("detail", "Invalid token")
         message, param = str(detail), None
-    # DRF answers 403 for a missing credential when no authenticator offers a
-    # WWW-Authenticate header; an unauthenticated caller always gets 401 here.
-    status = (
-        401
-        if isinstance(exc, drf_exceptions.NotAuthenticated)
-        else response.status_code
+    # DRF answers 403 for a missing or bad credential when no authenticator
+    # offers a WWW-Authenticate header; here an unauthenticated caller always
+    # gets 401.
+    unauthenticated = (
+        drf_exceptions.NotAuthenticated,
+        drf_exceptions.AuthenticationFailed,
     )
+    status = 401 if isinstance(exc, unauthenticated) else response.status_code
     rendered = JsonResponse(
         error_body(message, code=code, status=status, param=param), status=status
     )
@@ -154,3 +158,13 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Any:
         if name in response:
             rendered[name] = response[name]
     return rendered
+
+
+class Unauthenticated(GatewayError):
+    http_status = 401
+    code = "invalid_credentials"
+
+
+class Forbidden(GatewayError):
+    http_status = 403
+    code = "permission_denied"

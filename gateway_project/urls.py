@@ -1,11 +1,14 @@
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.urls import path
+from django.urls import include, path
 from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from accounts.api.views import UserListCreateApi
 from gateway_project import ops
 from gateway_project.errors import error_body
+from routing.api.views import ModelGroupListApi
+from tenants.api.views import OrganizationListApi
 
 admin.site.site_header = "LLM Gateway"
 admin.site.site_title = "LLM Gateway admin"
@@ -23,6 +26,11 @@ urlpatterns = [
         name="api-docs",
     ),
     path("admin/", admin.site.urls),
+    # Seed 000's paths have no trailing slash.
+    path("api/admin-users", UserListCreateApi.as_view()),
+    path("api/admin-users/", include("accounts.api.urls")),
+    path("api/organizations", OrganizationListApi.as_view()),
+    path("api/model-groups", ModelGroupListApi.as_view()),
 ]
 
 _API_PREFIXES = ("/api/", "/v1/")
