@@ -1,10 +1,12 @@
 """Request-id plumbing: every response carries ``x-request-id``."""
 
+import ipaddress
 import re
 import uuid
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
 from django.http import HttpRequest, HttpResponseBase
 
 # A caller-supplied id is kept only when it is short and harmless to log.
@@ -48,5 +50,20 @@ class RequestIdMiddleware:
 
 
 def client_ip(request: HttpRequest) -> str | None:
-    """The caller's address as the server saw it (REMOTE_ADDR)."""
+    """The caller's address: REMOTE_ADDR, or with TRUSTED_PROXY_COUNT = n > 0,
+    the address the n-th proxy from us saw in X-Forwarded-For.
+
+    Only addresses appended by our own proxies are trusted; whatever the client
+    itself put at the front of the header is ignored.
+    """
+    proxies = settings.TRUSTED_PROXY_COUNT
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    if proxies and forwarded:
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+        if len(hops) >= proxies:
+            candidate = hops[-proxies]
+            try:
+                return str(ipaddress.ip_address(candidate))
+            except ValueError:
+                pass
     return request.META.get("REMOTE_ADDR") or None

@@ -65,3 +65,26 @@ def test_openapi_schema_is_served(client):
 
     assert response.status_code == 200
     assert b"openapi" in response.content
+
+
+@pytest.mark.parametrize(
+    ("proxies", "forwarded", "expected"),
+    [
+        (0, "203.0.113.7", "10.0.0.1"),  # no proxy trusted: header ignored
+        (1, "203.0.113.7", "203.0.113.7"),
+        (1, "6.6.6.6, 203.0.113.7", "203.0.113.7"),  # client-forged first hop ignored
+        (2, "6.6.6.6, 203.0.113.7, 10.0.0.2", "203.0.113.7"),
+        (2, "203.0.113.7", "10.0.0.1"),  # fewer hops than proxies: fall back
+        (1, "not-an-ip", "10.0.0.1"),
+        (1, "", "10.0.0.1"),
+    ],
+)
+def test_client_ip_trusts_only_our_own_proxies(
+    rf, settings, proxies, forwarded, expected
+):
+    from gateway_project.middleware import client_ip
+
+    settings.TRUSTED_PROXY_COUNT = proxies
+    request = rf.get("/", REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR=forwarded)
+
+    assert client_ip(request) == expected
