@@ -22,6 +22,7 @@ from gateway_project.errors import (
     GatewayError,
     Unauthenticated,
 )
+from gateway_project.middleware import current_client_ip
 
 # Any 64-bit number, the same in every process: serializes first-run setup.
 _SETUP_LOCK_ID = 0x6761746577617931
@@ -37,7 +38,10 @@ def audit_log_record(
     ip_address: str | None = None,
     actor_label: str = "",
 ) -> AuditLogEntry:
-    """Append one audit entry. Call it inside the transaction of the change."""
+    """Append one audit entry. Call it inside the transaction of the change.
+
+    Without ``ip_address``, the address of the request being served is used.
+    """
     return AuditLogEntry.objects.create(
         actor=actor,
         actor_label=actor_label or (actor.email if actor else "system"),
@@ -45,7 +49,7 @@ def audit_log_record(
         resource_type=resource_type,
         resource_id=str(resource_id),
         details=details or {},
-        ip_address=ip_address,
+        ip_address=ip_address or current_client_ip(),
     )
 
 

@@ -1,12 +1,17 @@
 """Writes of the billing app: credit accounts and ledger movements."""
 
+from collections.abc import Iterable
+from typing import Any
+
 from django.db import transaction
 from django.db.models import F
 
 from accounts.models import User
 from accounts.services import audit_log_record
 from billing.models import CreditAccount, LedgerEntry, LedgerEntryType
-from tenants.models import Team
+from gateway_project.errors import GatewayError
+from tenants.models import Organization, Team, VirtualKey
+from tenants.services import limits_within, team_create, virtual_key_issue
 
 
 def credit_account_open(*, team: Team) -> CreditAccount:
@@ -69,3 +74,93 @@ def credits_allocate(
             },
         )
     return entry
+
+
+def team_open(
+    *,
+    organization: Organization,
+    team_id: str,
+    credits_allocated_micros: int,
+    team_alias: str = "",
+    model_groups: Iterable[Any] = (),
+    metadata: dict[str, Any] | None = None,
+    actor: User | None = None,
+    actor_label: str = "",
+    **settings: Any,
+) -> tuple[Team, VirtualKey, str]:
+    """Seed 000's team creation: the team, its credit account with the initial
+    allocation, and its first key — all or nothing.
+
+    Returns (team, key, key plaintext shown once). Raises AlreadyExists for a
+    taken id and GatewayError for limits above the organization's.
+    """
+    if credits_allocated_micros < 0:
+        raise GatewayError(
+            "credits_allocated must not be negative", param="credits_allocated"
+        )
+    limits_within(child=settings, parent=organization, parent_name="organization")
+    with transaction.atomic():
+        team = team_create(
+            organization=organization,
+            team_id=team_id,
+            team_alias=team_alias,
+            model_groups=model_groups,
+            metadata=metadata,
+            actor=actor,
+            actor_label=actor_label,
+            **settings,
+        )
+        credit_account_open(team=team)
+        if credits_allocated_micros:
+            credits_allocate(
+                team=team,
+                amount_micros=credits_allocated_micros,
+                idempotency_key=f"team:{team.pk}:initial-allocation",
+                reason="Initial allocation",
+                actor=actor,
+                actor_label=actor_label,
+            )
+        key, plaintext = virtual_key_issue(
+            team=team, alias="default", actor=actor, actor_label=actor_label
+        )
+    return team, key, plaintext
+
+
+def credit_account_update(
+    *,
+    team: Team,
+    changes: dict[str, Any],
+    actor: User | None = None,
+    actor_label: str = "",
+) -> CreditAccount:
+    """Change the overdraft limit or the auto-refill amount and period."""
+    allowed = {
+        "overdraft_limit_micros",
+        "auto_refill_amount_micros",
+        "auto_refill_period",
+    }
+    unknown = set(changes) - allowed
+    if unknown:
+        raise GatewayError(
+            f"Unknown field: {sorted(unknown)[0]}", param=sorted(unknown)[0]
+        )
+    with transaction.atomic():
+        credit_account_open(team=team)
+        account = CreditAccount.objects.select_for_update().get(team=team)
+        recorded = {
+            field: [getattr(account, field), value]
+            for field, value in changes.items()
+            if getattr(account, field) != value
+        }
+        if recorded:
+            CreditAccount.objects.filter(pk=account.pk).update(**changes)
+            audit_log_record(
+                actor=actor,
+                actor_label=actor_label,
+                action="credits.settings",
+                resource_type="team",
+                resource_id=team.team_id,
+                details=recorded,
+            )
+        account.refresh_from_db()
+    return account

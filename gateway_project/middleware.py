@@ -4,6 +4,7 @@ import ipaddress
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
@@ -11,6 +12,14 @@ from django.http import HttpRequest, HttpResponseBase
 
 # A caller-supplied id is kept only when it is short and harmless to log.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+# The address of the request being served, for audit entries written deep in
+# services (a ContextVar is per thread and per asyncio task).
+_current_client_ip: ContextVar[str | None] = ContextVar("client_ip", default=None)
+
+
+def current_client_ip() -> str | None:
+    return _current_client_ip.get()
 
 
 def request_id_for(request: HttpRequest) -> str:
@@ -38,13 +47,21 @@ class RequestIdMiddleware:
         if self.is_async:
             return self.__acall__(request)
         request.request_id = request_id_for(request)  # type: ignore[attr-defined]
-        response = self.get_response(request)
+        token = _current_client_ip.set(client_ip(request))
+        try:
+            response = self.get_response(request)
+        finally:
+            _current_client_ip.reset(token)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined,index]
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         request.request_id = request_id_for(request)  # type: ignore[attr-defined]
-        response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        token = _current_client_ip.set(client_ip(request))
+        try:
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        finally:
+            _current_client_ip.reset(token)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
         return response
 

@@ -21,3 +21,12 @@ def to_micros(amount: Decimal | int | str) -> int:
 def from_micros(micros: int) -> Decimal:
     """Integer micro-units → Decimal units with six places."""
     return (Decimal(micros) / MICROS).quantize(Decimal("0.000001"))
+
+
+def credits_json(micros: int) -> int | float:
+    """An amount for a JSON body: an integer when whole, else a number with at
+    most six decimals. The float is only the JSON encoder's vehicle: any amount
+    below 10**9 round-trips to the same decimal text; arithmetic never sees it."""
+    if micros % MICROS == 0:
+        return micros // MICROS
+    return float(from_micros(micros))

@@ -5,14 +5,60 @@ from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts.api.views import UserListCreateApi
+from billing.api import views as billing_api
 from gateway_project import ops
 from gateway_project.errors import error_body
-from routing.api.views import ModelGroupListApi
-from tenants.api.views import OrganizationListApi
+from routing.api import views as routing_api
+from tenants.api import views as tenants_api
 
 admin.site.site_header = "LLM Gateway"
 admin.site.site_title = "LLM Gateway admin"
 admin.site.index_title = "Operations"
+
+# The management API of seed 000 and its extensions; paths have no trailing slash.
+api_urls = [
+    path("organizations/create", tenants_api.OrganizationCreateApi.as_view()),
+    path("organizations", tenants_api.OrganizationListApi.as_view()),
+    path(
+        "organizations/<str:organization_id>",
+        tenants_api.OrganizationDetailApi.as_view(),
+    ),
+    path("model-groups/create", routing_api.ModelGroupCreateApi.as_view()),
+    path("model-groups", routing_api.ModelGroupListApi.as_view()),
+    path("model-groups/<str:group_name>", routing_api.ModelGroupDetailApi.as_view()),
+    path(
+        "model-groups/<str:group_name>/models",
+        routing_api.ModelGroupModelsApi.as_view(),
+    ),
+    path("teams/create", billing_api.TeamCreateApi.as_view()),
+    path("teams", billing_api.TeamListApi.as_view()),
+    path("teams/<str:team_id>", billing_api.TeamDetailApi.as_view()),
+    path(
+        "teams/<str:team_id>/suspend",
+        billing_api.TeamStatusApi.as_view(status="suspended"),
+    ),
+    path(
+        "teams/<str:team_id>/resume", billing_api.TeamStatusApi.as_view(status="active")
+    ),
+    path("teams/<str:team_id>/keys", tenants_api.TeamKeyListIssueApi.as_view()),
+    path("keys/<str:key_id>", tenants_api.KeyDetailApi.as_view()),
+    path("keys/<str:key_id>/rotate", tenants_api.KeyRotateApi.as_view()),
+    path("keys/<str:key_id>/revoke", tenants_api.KeyRevokeApi.as_view()),
+    path("credits/teams/<str:team_id>/balance", billing_api.CreditBalanceApi.as_view()),
+    path("credits/teams/<str:team_id>/add", billing_api.CreditAddApi.as_view()),
+    path(
+        "credits/teams/<str:team_id>/transactions",
+        billing_api.CreditTransactionsApi.as_view(),
+    ),
+    path("credits/teams/<str:team_id>/check", billing_api.CreditCheckApi.as_view()),
+    path(
+        "credits/teams/<str:team_id>/budget-mode", billing_api.BudgetModeApi.as_view()
+    ),
+    path(
+        "credits/teams/<str:team_id>/auto-refill", billing_api.AutoRefillApi.as_view()
+    ),
+    path("stats/dashboard", routing_api.DashboardApi.as_view()),
+]
 
 urlpatterns = [
     path("health", ops.health, name="health"),
@@ -26,11 +72,9 @@ urlpatterns = [
         name="api-docs",
     ),
     path("admin/", admin.site.urls),
-    # Seed 000's paths have no trailing slash.
     path("api/admin-users", UserListCreateApi.as_view()),
     path("api/admin-users/", include("accounts.api.urls")),
-    path("api/organizations", OrganizationListApi.as_view()),
-    path("api/model-groups", ModelGroupListApi.as_view()),
+    path("api/", include(api_urls)),
 ]
 
 _API_PREFIXES = ("/api/", "/v1/")

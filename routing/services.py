@@ -4,11 +4,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import ProtectedError
 
 from accounts.models import User
 from accounts.services import audit_log_record
-from gateway_project.errors import AlreadyExists
+from gateway_project.errors import AlreadyExists, GatewayError
 from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCredential
+from routing.providers import catalog_model
 
 
 def provider_credential_create(
@@ -120,3 +122,181 @@ def model_group_create(
             f"Model group '{group_name}' already exists", param="group_name"
         ) from None
     return group
+
+
+def deployment_resolve(
+    *, model_name: str, actor: User | None = None, actor_label: str = ""
+) -> Deployment:
+    """The deployment a model group member names (seed 000's ``model_name``).
+
+    Either a deployment of that name, or a model litellm knows: then a
+    deployment of that name is created, bound to the first credential of its
+    provider (or to none yet: calls fail with 503 until one is added).
+    Raises GatewayError naming the model otherwise.
+    """
+    existing = Deployment.objects.filter(name=model_name).first()
+    if existing is not None:
+        return existing
+    known = catalog_model(model_name)
+    if known is None:
+        raise GatewayError(
+            f"Unknown model '{model_name}': not a deployment of this gateway "
+            "nor a model litellm knows",
+            code="unknown_model",
+            param="models",
+        )
+    credential = (
+        ProviderCredential.objects.filter(provider=known.provider)
+        .order_by("pk")
+        .first()
+    )
+    return deployment_create(
+        name=model_name,
+        model=known.litellm_model,
+        credential=credential,
+        actor=actor,
+        actor_label=actor_label,
+    )
+
+
+def _members(
+    models: Sequence[tuple[str, int]], *, actor: User | None, actor_label: str
+) -> list[tuple[Deployment, int]]:
+    names = [name for name, _ in models]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise GatewayError(
+            f"Model '{duplicates[0]}' is listed more than once", param="models"
+        )
+    return [
+        (
+            deployment_resolve(model_name=name, actor=actor, actor_label=actor_label),
+            priority,
+        )
+        for name, priority in models
+    ]
+
+
+def model_group_create_from_names(
+    *,
+    group_name: str,
+    models: Sequence[tuple[str, int]],
+    display_name: str = "",
+    description: str = "",
+    actor: User | None = None,
+    actor_label: str = "",
+) -> ModelGroup:
+    """Create a group from (model_name, priority) pairs, resolving each name.
+
+    One transaction: an unknown name or a duplicate group leaves nothing behind.
+    """
+    with transaction.atomic():
+        if ModelGroup.objects.filter(group_name=group_name).exists():
+            raise AlreadyExists(
+                f"Model group '{group_name}' already exists", param="group_name"
+            )
+        members = _members(models, actor=actor, actor_label=actor_label)
+        return model_group_create(
+            group_name=group_name,
+            members=members,
+            display_name=display_name,
+            description=description,
+            actor=actor,
+            actor_label=actor_label,
+        )
+
+
+def model_group_update(
+    *,
+    group: ModelGroup,
+    changes: dict[str, Any],
+    actor: User | None = None,
+    actor_label: str = "",
+) -> ModelGroup:
+    """Change display_name, description or status."""
+    recorded = {
+        field: [getattr(group, field), value]
+        for field, value in changes.items()
+        if getattr(group, field) != value
+    }
+    if recorded:
+        with transaction.atomic():
+            for field, (_, value) in recorded.items():
+                setattr(group, field, value)
+            group.save()
+            audit_log_record(
+                actor=actor,
+                actor_label=actor_label,
+                action="model_group.update",
+                resource_type="model_group",
+                resource_id=group.group_name,
+                details=recorded,
+            )
+    return group
+
+
+def model_group_replace_models(
+    *,
+    group: ModelGroup,
+    models: Sequence[tuple[str, int]],
+    actor: User | None = None,
+    actor_label: str = "",
+) -> ModelGroup:
+    """Replace the group's members with (model_name, priority) pairs."""
+    with transaction.atomic():
+        before = [
+            {"model_name": member.deployment.name, "priority": member.priority}
+            for member in group.members.select_related("deployment").order_by(
+                "priority", "id"
+            )
+        ]
+        members = _members(models, actor=actor, actor_label=actor_label)
+        group.members.all().delete()
+        ModelGroupMember.objects.bulk_create(
+            ModelGroupMember(
+                model_group=group, deployment=deployment, priority=priority
+            )
+            for deployment, priority in members
+        )
+        group.save(update_fields=["updated_at"])
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action="model_group.replace_models",
+            resource_type="model_group",
+            resource_id=group.group_name,
+            details={
+                "before": before,
+                "after": [{"model_name": d.name, "priority": p} for d, p in members],
+            },
+        )
+    return group
+
+
+def model_group_delete(
+    *, group: ModelGroup, actor: User | None = None, actor_label: str = ""
+) -> None:
+    """Delete a group. Refused while a team that is not deleted may use it."""
+    teams = sorted(
+        group.teams.exclude(status="deleted").values_list("team_id", flat=True)
+    )
+    if teams:
+        raise GatewayError(
+            f"Model group '{group.group_name}' is used by teams: {', '.join(teams)}",
+            code="model_group_in_use",
+        )
+    try:
+        with transaction.atomic():
+            audit_log_record(
+                actor=actor,
+                actor_label=actor_label,
+                action="model_group.delete",
+                resource_type="model_group",
+                resource_id=group.group_name,
+            )
+            group.delete()
+    except ProtectedError:
+        raise GatewayError(
+            f"Model group '{group.group_name}' has usage history; disable it instead",
+            code="model_group_has_usage",
+        ) from None

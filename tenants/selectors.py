@@ -2,8 +2,11 @@
 
 from django.db.models import QuerySet
 
-from tenants.models import Organization
+from tenants.models import Organization, Status
 
 
 def organization_list() -> QuerySet[Organization]:
-    return Organization.objects.order_by("organization_id")
+    """Organizations that are not deleted, by id."""
+    return Organization.objects.exclude(status=Status.DELETED).order_by(
+        "organization_id"
+    )

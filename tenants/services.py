@@ -1,7 +1,7 @@
 """Writes of the tenants app: organizations, teams, virtual keys."""
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -9,9 +9,17 @@ from django.utils import timezone
 
 from accounts.models import User
 from accounts.services import audit_log_record
-from gateway_project.errors import AlreadyExists
+from gateway_project.crypto import derived_secret
+from gateway_project.errors import AlreadyExists, GatewayError
 from tenants.keys import NewKey, key_generate
-from tenants.models import KeyStatus, Organization, Team, VirtualKey
+from tenants.models import (
+    KeyStatus,
+    LimitedEntity,
+    Organization,
+    Status,
+    Team,
+    VirtualKey,
+)
 
 
 def organization_create(
@@ -88,21 +96,59 @@ def team_create(
     return team
 
 
+KEY_SETTINGS = (
+    "rpm_limit",
+    "tpm_limit",
+    "max_parallel_requests",
+    "budget_limit_micros",
+    "budget_period",
+    "budget_period_seconds",
+    "monthly_request_quota",
+)
+MAX_GRACE_SECONDS = 30 * 24 * 3600
+
+
 def virtual_key_issue(
     *,
     team: Team,
     alias: str = "",
     expires_at: datetime | None = None,
     metadata: dict[str, Any] | None = None,
+    allowed_model_groups: Iterable[Any] | None = None,
     actor: User | None = None,
     actor_label: str = "",
     seed: bytes | None = None,
+    **settings: Any,
 ) -> tuple[VirtualKey, str]:
     """Issue a key for a team; returns the row and the plaintext, shown once.
 
-    ``seed`` derives the secret deterministically — used only by seed_demo so
-    that the demo key is stable without ever being stored.
+    ``settings`` are limits, budget and quota (KEY_SETTINGS). Raises
+    GatewayError when allowed groups are not the team's, a limit exceeds the
+    team's, the expiry is past, or the alias is taken in the team. ``seed``
+    derives the secret deterministically (seed_demo, rotation retries) so it
+    can be given again without ever being stored.
     """
+    unknown = set(settings) - set(KEY_SETTINGS)
+    if unknown:
+        raise GatewayError(
+            f"Unknown key setting: {sorted(unknown)[0]}", param=sorted(unknown)[0]
+        )
+    limits_within(child=settings, parent=team, parent_name="team")
+    if expires_at is not None and expires_at <= timezone.now():
+        raise GatewayError("expires_at must be in the future", param="expires_at")
+    groups = list(allowed_model_groups or [])
+    if groups:
+        team_groups = set(team.model_groups.values_list("pk", flat=True))
+        outside = sorted(str(group) for group in groups if group.pk not in team_groups)
+        if outside:
+            raise GatewayError(
+                f"Model group '{outside[0]}' is not one of the team's",
+                param="allowed_model_groups",
+            )
+    if alias and team.keys.filter(alias=alias).exists():
+        raise AlreadyExists(
+            f"Key alias '{alias}' already exists in this team", param="alias"
+        )
     new: NewKey = key_generate(seed=seed)
     with transaction.atomic():
         key = VirtualKey.objects.create(
@@ -114,7 +160,9 @@ def virtual_key_issue(
             expires_at=expires_at,
             metadata=metadata or {},
             created_by=actor,
+            **settings,
         )
+        key.allowed_model_groups.set(groups)
         audit_log_record(
             actor=actor,
             actor_label=actor_label,
@@ -124,6 +172,104 @@ def virtual_key_issue(
             details={"team_id": team.team_id, "alias": alias},
         )
     return key, new.plaintext
+
+
+def virtual_key_rotate(
+    *,
+    key: VirtualKey,
+    grace_seconds: int,
+    idempotency_key: str,
+    actor: User | None = None,
+    actor_label: str = "",
+) -> tuple[VirtualKey, str]:
+    """Issue the successor of a key; the old one works ``grace_seconds`` more.
+
+    The successor's secret is derived from the server's secret, the old key
+    and ``idempotency_key``: a retry with the same idempotency key returns the
+    same key and secret, without the secret ever being stored. Raises
+    GatewayError for a key that is not active, already rotated (with another
+    idempotency key), or a grace period out of range.
+    """
+    if not 0 <= grace_seconds <= MAX_GRACE_SECONDS:
+        raise GatewayError(
+            f"grace_seconds must be between 0 and {MAX_GRACE_SECONDS}",
+            param="grace_seconds",
+        )
+    seed = (
+        derived_secret("key-rotation") + f"{key.public_id}:{idempotency_key}".encode()
+    )
+    expected = key_generate(seed=seed)
+    with transaction.atomic():
+        key = VirtualKey.objects.select_for_update().get(pk=key.pk)
+        successor = VirtualKey.objects.filter(predecessor=key).first()
+        if successor is not None:
+            if successor.public_id == expected.public_id:
+                return successor, expected.plaintext
+            raise GatewayError(
+                "This key has already been rotated",
+                code="key_already_rotated",
+                http_status=409,
+            )
+        if key_state(key) != "valid":
+            raise GatewayError(
+                f"Only a working key can be rotated (this one is {key_state(key)})",
+                code="key_not_active",
+            )
+        now = timezone.now()
+        alias, key.alias = key.alias, ""
+        key.grace_until = now + timedelta(seconds=grace_seconds)
+        key.save(update_fields=["alias", "grace_until", "updated_at"])
+        # The successor carries everything over, the budget window and quota
+        # use included, so rotating never resets spend.
+        carried = {
+            field: getattr(key, field)
+            for field in (
+                *KEY_SETTINGS,
+                "budget_window_start",
+                "budget_spent_micros",
+                "quota_period_start",
+                "quota_requests_used",
+                "metadata",
+                "expires_at",
+            )
+        }
+        successor = VirtualKey.objects.create(
+            team=key.team,
+            public_id=expected.public_id,
+            digest=expected.digest,
+            display_prefix=expected.display_prefix,
+            alias=alias,
+            predecessor=key,
+            created_by=actor,
+            **carried,
+        )
+        successor.allowed_model_groups.set(key.allowed_model_groups.all())
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action="key.rotate",
+            resource_type="virtual_key",
+            resource_id=key.display_prefix,
+            details={
+                "successor": successor.display_prefix,
+                "grace_seconds": grace_seconds,
+            },
+        )
+    return successor, expected.plaintext
+
+
+def key_state(key: VirtualKey, *, now: datetime | None = None) -> str:
+    """valid, revoked, expired or rotated (its grace period over)."""
+    now = now or timezone.now()
+    if key.status == KeyStatus.REVOKED:
+        return "revoked"
+    if key.status == KeyStatus.EXPIRED or (
+        key.expires_at is not None and key.expires_at <= now
+    ):
+        return "expired"
+    if key.grace_until is not None and key.grace_until <= now:
+        return "rotated"
+    return "valid"
 
 
 def virtual_key_revoke(
@@ -151,3 +297,181 @@ def virtual_key_revoke(
                 ip_address=ip_address,
             )
     return bool(updated)
+
+
+# --- organizations -----------------------------------------------------------
+
+LIMIT_FIELDS = (
+    "rpm_limit",
+    "tpm_limit",
+    "max_parallel_requests",
+    "budget_limit_micros",
+)
+
+
+def limits_within(
+    *, child: dict[str, Any], parent: LimitedEntity | None, parent_name: str
+) -> None:
+    """Refuse a limit above the parent's: a key within its team, a team
+    within its organization. Raises GatewayError naming the field."""
+    if parent is None:
+        return
+    for field in LIMIT_FIELDS:
+        ceiling = getattr(parent, field)
+        value = child.get(field)
+        if ceiling is not None and value is not None and value > ceiling:
+            raise GatewayError(
+                f"{field} {value} exceeds the {parent_name}'s {ceiling}", param=field
+            )
+
+
+def _apply(
+    instance: Any,
+    changes: dict[str, Any],
+    *,
+    action: str,
+    resource_type: str,
+    resource_id: str,
+    actor: User | None,
+    actor_label: str,
+) -> dict[str, Any]:
+    """Set changed fields, save and audit; returns {field: [before, after]}."""
+    recorded = {
+        field: [getattr(instance, field), value]
+        for field, value in changes.items()
+        if getattr(instance, field) != value
+    }
+    if recorded:
+        for field, (_, value) in recorded.items():
+            setattr(instance, field, value)
+        instance.full_clean(validate_unique=False, validate_constraints=False)
+        instance.save()
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action=action,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            details={
+                k: [str(a), str(b)] if isinstance(b, datetime) else [a, b]
+                for k, (a, b) in recorded.items()
+            },
+        )
+    return recorded
+
+
+def organization_update(
+    *,
+    organization: Organization,
+    changes: dict[str, Any],
+    actor: User | None = None,
+    actor_label: str = "",
+) -> Organization:
+    """Change name, status, metadata, limits or budget; audited."""
+    with transaction.atomic():
+        _apply(
+            organization,
+            changes,
+            action="organization.update",
+            resource_type="organization",
+            resource_id=organization.organization_id,
+            actor=actor,
+            actor_label=actor_label,
+        )
+    return organization
+
+
+def organization_delete(
+    *, organization: Organization, actor: User | None = None, actor_label: str = ""
+) -> None:
+    """Delete an organization. Refused while it has teams that are not deleted;
+    one whose teams are all deleted is kept as ``deleted`` for their history."""
+    with transaction.atomic():
+        live = sorted(
+            organization.teams.exclude(status=Status.DELETED).values_list(
+                "team_id", flat=True
+            )
+        )
+        if live:
+            raise GatewayError(
+                f"Organization '{organization.organization_id}' still has active teams: "
+                f"{', '.join(live)}",
+                code="organization_has_teams",
+            )
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action="organization.delete",
+            resource_type="organization",
+            resource_id=organization.organization_id,
+        )
+        if organization.teams.exists():
+            organization.status = Status.DELETED
+            organization.save(update_fields=["status", "updated_at"])
+        else:
+            organization.delete()
+
+
+# --- teams -------------------------------------------------------------------
+
+
+def team_update(
+    *,
+    team: Team,
+    changes: dict[str, Any],
+    model_groups: Iterable[Any] | None = None,
+    actor: User | None = None,
+    actor_label: str = "",
+) -> Team:
+    """Change a team's groups, limits, budget mode, cache policy or status
+    (suspend / resume). Limits must stay within the organization's."""
+    limits_within(child=changes, parent=team.organization, parent_name="organization")
+    with transaction.atomic():
+        _apply(
+            team,
+            changes,
+            action="team.update",
+            resource_type="team",
+            resource_id=team.team_id,
+            actor=actor,
+            actor_label=actor_label,
+        )
+        if model_groups is not None:
+            groups = list(model_groups)
+            before = sorted(str(group) for group in team.model_groups.all())
+            after = sorted(str(group) for group in groups)
+            if before != after:
+                team.model_groups.set(groups)
+                audit_log_record(
+                    actor=actor,
+                    actor_label=actor_label,
+                    action="team.update",
+                    resource_type="team",
+                    resource_id=team.team_id,
+                    details={"model_groups": [before, after]},
+                )
+    # Keys of a suspended team stop working at once: key authentication
+    # checks the team's status too.
+    return team
+
+
+def team_delete(
+    *, team: Team, actor: User | None = None, actor_label: str = ""
+) -> None:
+    """Delete a team: its keys are revoked and the team is kept as ``deleted``,
+    because its ledger and usage history must stay."""
+    with transaction.atomic():
+        now = timezone.now()
+        revoked = team.keys.exclude(status=KeyStatus.REVOKED).update(
+            status=KeyStatus.REVOKED, revoked_at=now
+        )
+        team.status = Status.DELETED
+        team.save(update_fields=["status", "updated_at"])
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action="team.delete",
+            resource_type="team",
+            resource_id=team.team_id,
+            details={"keys_revoked": revoked},
+        )

@@ -19,7 +19,6 @@ from rest_framework_simplejwt.authentication import JWTAuthentication
 
 from accounts.models import Role, User
 from accounts.tokens import token_is_revoked
-from gateway_project.middleware import client_ip
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,17 @@ class RejectAdminKey(BaseAuthentication):
         return 'Bearer realm="gateway"'
 
 
+OPERATOR_ROLES = (Role.OWNER, Role.ADMIN, Role.USER)
+
+
 class IsAnyOperator(BasePermission):
-    """Any authenticated operator, whatever the role and the method."""
+    """An operator (or the admin key), whatever the role and the method.
+
+    Principals without an operator role — a team's virtual key — are
+    authenticated but not allowed: 403.
+    """
+
+    message = "Only operators may do this; team keys cannot"
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         principal = request.user
@@ -98,52 +106,50 @@ class IsAnyOperator(BasePermission):
             raise exceptions.NotAuthenticated(
                 "Authentication credentials were not provided"
             )
-        return True
+        return getattr(principal, "role", None) in OPERATOR_ROLES
 
 
 class IsOperator(IsAnyOperator):
-    """Any authenticated operator may read; only owners, admins and the
-    admin key may write (the user role is read-only everywhere)."""
-
-    message = "Your role is read-only"
+    """Any operator may read; only owners, admins and the admin key may write
+    (the user role is read-only everywhere)."""
 
     def has_permission(self, request: Request, view: APIView) -> bool:
-        super().has_permission(request, view)
+        if not super().has_permission(request, view):
+            return False
         if request.method in SAFE_METHODS:
             return True
+        self.message = "Your role is read-only"
         return getattr(request.user, "role", None) in (Role.OWNER, Role.ADMIN)
 
 
-class IsOwnerOrAdmin(IsOperator):
+class IsOwnerOrAdmin(IsAnyOperator):
     """Owners and admins only, for reading too."""
 
-    message = "Only owners and admins may do this"
-
     def has_permission(self, request: Request, view: APIView) -> bool:
-        super().has_permission(request, view)
+        if not super().has_permission(request, view):
+            return False
+        self.message = "Only owners and admins may do this"
         return getattr(request.user, "role", None) in (Role.OWNER, Role.ADMIN)
 
 
 class ManagementApi(APIView):
-    """Base of management endpoints: operator JWT or X-Admin-Key."""
+    """Base of management endpoints: operator JWT or X-Admin-Key.
 
-    authentication_classes = [OperatorJWTAuthentication, AdminKeyAuthentication]
-    permission_classes = [IsOperator]
+    tenants/api/auth.py extends it to recognise team keys (refused with 403).
+    """
+
+    authentication_classes: list[type[BaseAuthentication]] = [
+        OperatorJWTAuthentication,
+        AdminKeyAuthentication,
+    ]
+    permission_classes: list[type[BasePermission]] = [IsOperator]
 
     def audit_context(self) -> dict[str, Any]:
-        """actor / actor_label / ip_address for the services' audit entries."""
+        """actor and actor_label for the services' audit entries."""
         principal = self.request.user
         if isinstance(principal, User):
-            return {
-                "actor": principal,
-                "actor_label": principal.email,
-                "ip_address": client_ip(self.request),
-            }
-        return {
-            "actor": None,
-            "actor_label": "admin-key",
-            "ip_address": client_ip(self.request),
-        }
+            return {"actor": principal, "actor_label": principal.email}
+        return {"actor": None, "actor_label": getattr(principal, "label", "unknown")}
 
 
 class OperatorApi(ManagementApi):

@@ -15,7 +15,8 @@ from gateway_project.errors import NotFound
 from gateway_project.middleware import client_ip
 
 
-def _valid(serializer_class: type[Any], data: Any) -> dict[str, Any]:
+def valid(serializer_class: type[Any], data: Any) -> dict[str, Any]:
+    """Validated input, or a 400 in the envelope naming the first bad field."""
     serializer = serializer_class(data=data)
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
@@ -34,14 +35,14 @@ class SetupStatusApi(PublicApi):
 
 class SetupApi(PublicApi):
     def post(self, request: Request) -> Response:
-        data = _valid(io.SetupInput, request.data)
+        data = valid(io.SetupInput, request.data)
         user = services.owner_setup(**data, ip_address=client_ip(request))
         return _signed_in(user)
 
 
 class LoginApi(PublicApi):
     def post(self, request: Request) -> Response:
-        data = _valid(io.LoginInput, request.data)
+        data = valid(io.LoginInput, request.data)
         user = services.operator_login(**data, ip_address=client_ip(request))
         return _signed_in(user)
 
@@ -68,7 +69,7 @@ class PasswordChangeApi(OperatorApi):
     permission_classes = [IsAnyOperator]
 
     def post(self, request: Request) -> Response:
-        data = _valid(io.PasswordChangeInput, request.data)
+        data = valid(io.PasswordChangeInput, request.data)
         user = services.password_change(
             user=self.operator, ip_address=client_ip(request), **data
         )
@@ -82,7 +83,7 @@ class UserListCreateApi(OperatorApi):
         return Response([io.user_output(user) for user in selectors.user_list()])
 
     def post(self, request: Request) -> Response:
-        data = _valid(io.UserCreateInput, request.data)
+        data = valid(io.UserCreateInput, request.data)
         user = services.user_create(
             **data, created_by=self.operator, ip_address=client_ip(request)
         )
@@ -102,7 +103,7 @@ class UserDetailApi(OperatorApi):
         return Response(io.user_output(self._target(user_id)))
 
     def patch(self, request: Request, user_id: str) -> Response:
-        changes = _valid(io.UserUpdateInput, request.data)
+        changes = valid(io.UserUpdateInput, request.data)
         user = services.user_update(
             actor=self.operator,
             target=self._target(user_id),
@@ -124,7 +125,7 @@ class AuditLogListApi(OperatorApi):
     permission_classes = [IsOwnerOrAdmin]
 
     def get(self, request: Request) -> Response:
-        query = _valid(io.AuditLogQuery, request.query_params)
+        query = valid(io.AuditLogQuery, request.query_params)
         entries = selectors.audit_log_list(
             action=query["action"],
             user_id=query["user_id"],

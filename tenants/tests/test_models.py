@@ -92,8 +92,16 @@ def test_key_alias_is_unique_within_a_team_but_blank_repeats(team):
     virtual_key_issue(team=team)
     virtual_key_issue(team=team)
 
-    with pytest.raises(IntegrityError), transaction.atomic():
+    with pytest.raises(AlreadyExists, match="Key alias 'ci' already exists"):
         virtual_key_issue(team=team, alias="ci")
+    with pytest.raises(IntegrityError), transaction.atomic():
+        VirtualKey.objects.create(
+            team=team,
+            public_id="x" * 12,
+            digest="0" * 64,
+            display_prefix="x",
+            alias="ci",
+        )
 
     assert VirtualKey.objects.filter(team=team).count() == 3
 

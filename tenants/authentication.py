@@ -1,0 +1,93 @@
+"""Authenticating a team's virtual key: the one implementation the management
+API, the tenant API and the inference path all use."""
+
+from datetime import timedelta
+
+from django.http import HttpRequest
+from django.utils import timezone
+
+from gateway_project.errors import GatewayError
+from tenants.keys import key_matches, key_parse
+from tenants.models import Status, VirtualKey
+from tenants.services import key_state
+
+
+class MissingApiKey(GatewayError):
+    http_status = 401
+    code = "missing_api_key"
+
+
+class InvalidApiKey(GatewayError):
+    http_status = 401
+    code = "invalid_api_key"
+
+
+class TeamInactive(GatewayError):
+    http_status = 403
+    code = "team_inactive"
+
+
+def presented_key(request: HttpRequest) -> str | None:
+    """The key from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    explicit = request.headers.get("X-API-Key")
+    if explicit is not None:
+        return explicit.strip()
+    authorization = request.headers.get("Authorization", "")
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credential.strip():
+        return credential.strip()
+    return None
+
+
+def looks_like_virtual_key(credential: str) -> bool:
+    return key_parse(credential) is not None
+
+
+def virtual_key_authenticate(*, plaintext: str | None) -> VirtualKey:
+    """The key (with its team and organization) for a presented secret.
+
+    Raises MissingApiKey, InvalidApiKey (unknown, wrong secret, revoked,
+    expired, or rotated past its grace period: one message for all), and
+    TeamInactive for a suspended team.
+    """
+    if not plaintext:
+        raise MissingApiKey(
+            "Missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"
+        )
+    public_id = key_parse(plaintext)
+    key = (
+        VirtualKey.objects.select_related("team__organization")
+        .filter(public_id=public_id)
+        .first()
+        if public_id
+        else None
+    )
+    # Unknown id and wrong secret are indistinguishable; the digest comparison
+    # is constant-time.
+    if key is None or not key_matches(plaintext, key.digest):
+        raise InvalidApiKey("Invalid API key")
+    now = timezone.now()
+    if key_state(key, now=now) != "valid":
+        raise InvalidApiKey("Invalid API key")
+    if key.team.status != Status.ACTIVE:
+        raise TeamInactive(f"Team '{key.team.team_id}' is {key.team.status}")
+    organization = key.team.organization
+    if organization.status != Status.ACTIVE:
+        raise TeamInactive(
+            f"Organization '{organization.organization_id}' is {organization.status}"
+        )
+    return key
+
+
+# last_used_at is written at most this often per key, so that a busy key does
+# not turn every request into a write.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def virtual_key_touch(*, key: VirtualKey) -> None:
+    """Stamp ``last_used_at`` after a request the key was allowed to make
+    (never on a refusal: a refused request writes nothing)."""
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+        VirtualKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        key.last_used_at = now
