@@ -4,6 +4,7 @@ import uuid
 from typing import Any, ClassVar
 
 from django.contrib.auth.base_user import AbstractBaseUser, BaseUserManager
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 from django.db.models.functions import Lower
 
@@ -134,7 +135,8 @@ class AuditLogEntry(models.Model):
     action = models.CharField(max_length=64)
     resource_type = models.CharField(max_length=64)
     resource_id = models.CharField(max_length=191, blank=True)
-    details = models.JSONField(default=dict, blank=True)
+    # DjangoJSONEncoder: changes may hold Decimal rates and datetimes.
+    details = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
     ip_address = models.GenericIPAddressField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

@@ -48,8 +48,12 @@ def model_catalog() -> dict[str, CatalogModel]:
     raw: dict[str, Any] = json.loads(path.read_text(), parse_float=Decimal)
     catalog = {}
     for name, entry in raw.items():
-        if not isinstance(entry, dict) or not entry.get("litellm_provider"):
-            continue  # the file's "sample_spec" documentation entry
+        if (
+            name == "sample_spec"
+            or not isinstance(entry, dict)
+            or not entry.get("litellm_provider")
+        ):
+            continue  # "sample_spec" documents the file's format
         catalog[name] = CatalogModel(
             name=name,
             provider=str(entry["litellm_provider"]),

@@ -352,10 +352,7 @@ def _apply(
             action=action,
             resource_type=resource_type,
             resource_id=resource_id,
-            details={
-                k: [str(a), str(b)] if isinstance(b, datetime) else [a, b]
-                for k, (a, b) in recorded.items()
-            },
+            details=recorded,
         )
     return recorded
 

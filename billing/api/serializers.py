@@ -9,7 +9,14 @@ from accounts.api.serializers import StrictSerializer
 from billing.models import CreditAccount, LedgerEntry
 from gateway_project.money import credits_json
 from tenants.api.serializers import LIFECYCLE_STATUSES, LimitsInput, limits_output
-from tenants.models import BudgetMode, BudgetPeriod, CacheHitCharge, CacheMode, Team
+from tenants.models import (
+    BudgetMode,
+    BudgetPeriod,
+    CacheHitCharge,
+    CacheMode,
+    Team,
+    identifier_validator,
+)
 
 
 class WholeCredits(serializers.IntegerField):
@@ -53,7 +60,7 @@ class TeamSettingsInput(LimitsInput):
 
 class TeamCreateInput(TeamSettingsInput):
     organization_id = serializers.CharField(max_length=128)
-    team_id = serializers.CharField(max_length=128)
+    team_id = serializers.CharField(max_length=128, validators=[identifier_validator])
     # Seed 000 sends access_groups in some versions; it means model_groups.
     access_groups = serializers.ListField(
         child=serializers.CharField(max_length=200), required=False

@@ -111,7 +111,9 @@ class TenantApi(TeamAwareManagementApi):
     def finalize_response(
         self, request: Request, response: Any, *args: Any, **kwargs: Any
     ) -> Any:
-        principal = getattr(request, "user", None)
+        # Not request.user: after a failed authentication that would run the
+        # authenticators again while the error is being rendered.
+        principal = request.__dict__.get("_user")
         if isinstance(principal, TeamKeyPrincipal) and response.status_code < 400:
             virtual_key_touch(key=principal.key)
         return super().finalize_response(request, response, *args, **kwargs)

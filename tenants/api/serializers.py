@@ -7,7 +7,14 @@ from rest_framework import serializers
 
 from accounts.api.serializers import StrictSerializer
 from gateway_project.money import credits_json, to_micros
-from tenants.models import BudgetPeriod, LimitedEntity, Organization, Status, VirtualKey
+from tenants.models import (
+    BudgetPeriod,
+    LimitedEntity,
+    Organization,
+    Status,
+    VirtualKey,
+    identifier_validator,
+)
 
 LIFECYCLE_STATUSES = [Status.ACTIVE, Status.SUSPENDED]
 
@@ -72,7 +79,9 @@ def limits_output(entity: LimitedEntity) -> dict[str, Any]:
 
 
 class OrganizationCreateInput(StrictSerializer):
-    organization_id = serializers.CharField(max_length=128)
+    organization_id = serializers.CharField(
+        max_length=128, validators=[identifier_validator]
+    )
     name = serializers.CharField(max_length=200)
     metadata = serializers.DictField(required=False, default=dict)
 
