@@ -88,3 +88,24 @@ def test_client_ip_trusts_only_our_own_proxies(
     request = rf.get("/", REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR=forwarded)
 
     assert client_ip(request) == expected
+
+
+@pytest.mark.django_db
+def test_interactive_docs_are_served_from_our_own_static_files(client):
+    page = client.get("/api/docs/")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in html
+    assert "cdn.jsdelivr.net" not in html
+    assert client.get("/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js").status_code == 200
+
+
+@pytest.mark.django_db
+def test_openapi_schema_lists_the_management_api(client):
+    import yaml
+
+    schema = yaml.safe_load(client.get("/api/schema/").content)
+
+    for path in ("/api/organizations/create", "/api/teams/create", "/api/credits/teams/{team_id}/balance", "/api/admin-users/login"):
+        assert path in schema["paths"], path
