@@ -96,9 +96,16 @@ def test_interactive_docs_are_served_from_our_own_static_files(client):
 
     assert page.status_code == 200
     html = page.content.decode()
-    assert "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in html
+    assert (
+        "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in html
+    )
     assert "cdn.jsdelivr.net" not in html
-    assert client.get("/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js").status_code == 200
+    assert (
+        client.get(
+            "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js"
+        ).status_code
+        == 200
+    )
 
 
 @pytest.mark.django_db
@@ -107,5 +114,10 @@ def test_openapi_schema_lists_the_management_api(client):
 
     schema = yaml.safe_load(client.get("/api/schema/").content)
 
-    for path in ("/api/organizations/create", "/api/teams/create", "/api/credits/teams/{team_id}/balance", "/api/admin-users/login"):
+    for path in (
+        "/api/organizations/create",
+        "/api/teams/create",
+        "/api/credits/teams/{team_id}/balance",
+        "/api/admin-users/login",
+    ):
         assert path in schema["paths"], path

@@ -86,12 +86,13 @@ class IsOwnTeamOrOperator(BasePermission):
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         principal = request.user
+        read_only = request.method in SAFE_METHODS or getattr(view, "read_only", False)
         if isinstance(principal, TeamKeyPrincipal):
+            if not read_only:
+                self.message = "Team keys may only read"
+                return False
             return bool(principal.key.team.team_id == view.kwargs.get("team_id"))
         if getattr(principal, "role", None) in OPERATOR_ROLES:
-            read_only = request.method in SAFE_METHODS or getattr(
-                view, "read_only", False
-            )
             if read_only:
                 return True
             self.message = "Your role is read-only"

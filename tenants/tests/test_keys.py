@@ -386,3 +386,31 @@ def test_alias_unique_error_is_not_raised_for_other_teams(team, organization):
     assert key.alias == "ci"
     with pytest.raises(AlreadyExists):
         virtual_key_issue(team=other, alias="ci")
+
+
+def test_team_keys_may_only_read_their_own_team(rf, team):
+    from tenants.api.auth import IsOwnTeamOrOperator, TeamKeyPrincipal
+
+    key, _ = virtual_key_issue(team=team)
+    permission = IsOwnTeamOrOperator()
+
+    class View:
+        kwargs = {"team_id": "team_alice"}
+        read_only = False
+
+    def allowed(method: str, view=View) -> bool:
+        request = getattr(rf, method)("/")
+        request.user = TeamKeyPrincipal(key=key)
+        return permission.has_permission(request, view())
+
+    class ReadOnlyPost(View):
+        read_only = True
+
+    class OtherTeam(View):
+        kwargs = {"team_id": "team_bob"}
+
+    assert allowed("get") is True
+    assert allowed("post") is False
+    assert allowed("delete") is False
+    assert allowed("post", ReadOnlyPost) is True
+    assert allowed("get", OtherTeam) is False
