@@ -8,7 +8,7 @@ from django.db.models import F
 
 from accounts.models import User
 from accounts.services import audit_log_record
-from billing.models import CreditAccount, LedgerEntry, LedgerEntryType
+from billing.models import CreditAccount, LedgerEntry, LedgerEntryType, UsageRecord
 from gateway_project.errors import GatewayError
 from tenants.models import Organization, Team, VirtualKey
 from tenants.services import limits_within, team_create, virtual_key_issue
@@ -164,3 +164,33 @@ def credit_account_update(
             )
         account.refresh_from_db()
     return account
+
+
+def usage_cost_micros(
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    input_price: int,
+    output_price: int,
+    markup_bps: int = 0,
+) -> int:
+    """Cost in micro-USD: prices are micro-USD per million tokens; one rounding,
+    half up, at the end."""
+    numerator = (prompt_tokens * input_price + completion_tokens * output_price) * (
+        10_000 + markup_bps
+    )
+    denominator = 1_000_000 * 10_000
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def usage_record_create(*, request_id: str, **fields: Any) -> UsageRecord:
+    """The one usage record of a request; a second call for the same request id
+    returns the first record unchanged (settlement is idempotent)."""
+    fields.setdefault(
+        "total_tokens",
+        fields.get("prompt_tokens", 0) + fields.get("completion_tokens", 0),
+    )
+    record, _ = UsageRecord.objects.get_or_create(
+        request_id=request_id, defaults=fields
+    )
+    return record

@@ -187,6 +187,13 @@ SIMPLE_JWT = {
     # invalidates every token issued before.
     "CHECK_REVOKE_TOKEN": True,
 }
+# Routing: a deployment with this many retryable failures within the window
+# (or one 429) cools down, for every gateway process (Redis).
+GATEWAY_COOLDOWN_FAILURES = env_int("GATEWAY_COOLDOWN_FAILURES", 3, minimum=1)
+GATEWAY_FAILURE_WINDOW_SECONDS = env_int(
+    "GATEWAY_FAILURE_WINDOW_SECONDS", 60, minimum=1
+)
+GATEWAY_COOLDOWN_SECONDS = env_int("GATEWAY_COOLDOWN_SECONDS", 30, minimum=1)
 # Login throttling (accounts/throttle.py): failures allowed per window.
 LOGIN_FAILURES_PER_EMAIL = env_int("LOGIN_FAILURES_PER_EMAIL", 5, minimum=1)
 LOGIN_FAILURES_PER_IP = env_int("LOGIN_FAILURES_PER_IP", 20, minimum=1)

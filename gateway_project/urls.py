@@ -8,6 +8,7 @@ from accounts.api.views import UserListCreateApi
 from billing.api import views as billing_api
 from gateway_project import ops
 from gateway_project.errors import error_body
+from routing import views as routing_views
 from routing.api import views as routing_api
 from tenants.api import views as tenants_api
 
@@ -75,6 +76,10 @@ urlpatterns = [
     path("api/admin-users", UserListCreateApi.as_view()),
     path("api/admin-users/", include("accounts.api.urls")),
     path("api/", include(api_urls)),
+    path("v1/chat/completions", routing_views.chat_completions),
+    path("v1/completions", routing_views.completions),
+    path("v1/embeddings", routing_views.embeddings),
+    path("v1/models", routing_views.models),
 ]
 
 _API_PREFIXES = ("/api/", "/v1/")

@@ -7,7 +7,7 @@ from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 
-from gateway_project.crypto import decrypt_text, encrypt_text, mask_secret
+from gateway_project.crypto import encrypt_text, mask_secret
 
 name_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,199}$",
@@ -47,9 +47,6 @@ class ProviderCredential(models.Model):
     def set_api_key(self, api_key: str) -> None:
         self.api_key_encrypted = encrypt_text(api_key) if api_key else ""
         self.api_key_hint = mask_secret(api_key) if api_key else ""
-
-    def get_api_key(self) -> str:
-        return decrypt_text(self.api_key_encrypted) if self.api_key_encrypted else ""
 
 
 class DeploymentStatus(models.TextChoices):

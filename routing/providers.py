@@ -1,13 +1,16 @@
-"""The provider adapter: the only module that touches litellm.
+"""The provider adapter: the only module that touches litellm, and the only
+one that decrypts provider credentials.
 
 ``model_catalog`` reads litellm's bundled model map (the same file litellm
 itself uses with LITELLM_LOCAL_MODEL_COST_MAP=True) without importing litellm,
 so management requests stay fast; prices are parsed as Decimal, never float.
 """
 
+import asyncio
 import importlib.util
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
@@ -70,3 +73,243 @@ def _decimal(value: Any) -> Decimal | None:
 
 def catalog_model(name: str) -> CatalogModel | None:
     return model_catalog().get(name)
+
+
+# --- calling providers ---------------------------------------------------------
+
+# What the gateway forwards of an OpenAI request; everything else (metadata,
+# timeout, our own fields) stays here.
+_FORWARDED = {
+    "messages",
+    "prompt",
+    "input",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "max_tokens",
+    "max_completion_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "response_format",
+    "seed",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
+    "dimensions",
+    "encoding_format",
+    "suffix",
+    "echo",
+    "best_of",
+    "reasoning_effort",
+    "modalities",
+    "audio",
+    "prediction",
+    "top_k",
+}
+
+
+class ProviderError(Exception):
+    """A failed attempt. ``retryable`` failures move on to the next deployment."""
+
+    def __init__(
+        self, message: str, *, status: int, code: str, retryable: bool
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything an attempt needs, detached from the ORM (usable in async code)."""
+
+    deployment_id: int
+    deployment_name: str
+    model: str
+    api_key: str
+    api_base: str
+    params: dict[str, Any]
+    timeout_seconds: float
+
+    @property
+    def available(self) -> bool:
+        """Whether it can be called at all: a credential, or a local server or
+        a mock that needs none."""
+        return bool(self.api_key or self.api_base or "mock_response" in self.params)
+
+
+def target_for(deployment: Any) -> Target:
+    """A deployment (with its credential loaded) as an attempt target.
+
+    The one place credentials are decrypted.
+    """
+    from gateway_project.crypto import decrypt_text
+
+    credential = deployment.credential
+    params = dict(deployment.litellm_params)
+    api_base = str(
+        params.pop("api_base", "") or (credential.api_base if credential else "")
+    )
+    api_key = str(params.pop("api_key", "") or "")
+    if credential is not None and credential.api_key_encrypted:
+        api_key = decrypt_text(credential.api_key_encrypted)
+    if credential is not None:
+        params = {**credential.extra, **params}
+    return Target(
+        deployment_id=deployment.pk,
+        deployment_name=deployment.name,
+        model=deployment.model,
+        api_key=api_key,
+        api_base=api_base,
+        params=params,
+        timeout_seconds=deployment.timeout_ms / 1000,
+    )
+
+
+def _litellm() -> Any:
+    import litellm  # heavy: imported on the first call only
+
+    litellm.drop_params = True
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def _arguments(target: Target, body: dict[str, Any]) -> dict[str, Any]:
+    arguments = {key: value for key, value in body.items() if key in _FORWARDED}
+    arguments.update(target.params)
+    arguments.update(model=target.model, timeout=target.timeout_seconds, num_retries=0)
+    if target.api_key:
+        arguments["api_key"] = target.api_key
+    if target.api_base:
+        arguments["api_base"] = target.api_base
+    return arguments
+
+
+def provider_error(error: BaseException) -> ProviderError:
+    """Map litellm's (and the network's) exceptions to ours."""
+    exceptions = _litellm().exceptions
+    message = str(getattr(error, "message", "") or error)[:500]
+    if isinstance(error, exceptions.Timeout | TimeoutError):
+        return ProviderError(
+            f"Upstream timed out: {message}",
+            status=504,
+            code="upstream_timeout",
+            retryable=True,
+        )
+    status = getattr(error, "status_code", None)
+    if isinstance(error, exceptions.RateLimitError) or status == 429:
+        return ProviderError(
+            message, status=429, code="upstream_rate_limited", retryable=True
+        )
+    if isinstance(
+        error,
+        exceptions.ContextWindowExceededError | exceptions.ContentPolicyViolationError,
+    ):
+        return ProviderError(
+            message, status=400, code="upstream_invalid_request", retryable=False
+        )
+    if isinstance(
+        error, exceptions.BadRequestError | exceptions.UnprocessableEntityError
+    ) or status in (400, 413, 422):
+        return ProviderError(
+            message, status=400, code="upstream_invalid_request", retryable=False
+        )
+    # Connection errors, 5xx, a provider that rejects our credential (another
+    # deployment may hold a good one) and anything unexpected: try the next.
+    return ProviderError(message, status=502, code="upstream_error", retryable=True)
+
+
+@dataclass
+class Completion:
+    """A provider's answer as an OpenAI-shaped body, with its token counts."""
+
+    body: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    usage_reported: bool
+
+
+async def call(target: Target, kind: str, body: dict[str, Any]) -> Completion:
+    """One attempt: ``kind`` is chat, completion or embedding.
+
+    Raises ProviderError.
+    """
+    litellm = _litellm()
+    function = {
+        "chat": litellm.acompletion,
+        "completion": litellm.atext_completion,
+        "embedding": litellm.aembedding,
+    }[kind]
+    try:
+        response = await asyncio.wait_for(
+            function(**_arguments(target, body)), timeout=target.timeout_seconds + 1
+        )
+        result = response.model_dump(exclude_none=True)
+    except ProviderError:
+        raise
+    except Exception as error:
+        raise provider_error(error) from error
+    usage = result.get("usage") or {}
+    # litellm invents usage when a provider sends none; it is "reported" only
+    # when the upstream's body had it.
+    reported = bool(usage) and not getattr(response, "_hidden_params", {}).get(
+        "usage_estimated", False
+    )
+    return Completion(
+        body=result,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        usage_reported=reported,
+    )
+
+
+async def stream(target: Target, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """One streaming attempt: OpenAI chunk dicts as they arrive; the upstream is
+    always asked for a usage chunk. Raises ProviderError (before or during)."""
+    litellm = _litellm()
+    arguments = _arguments(target, body)
+    arguments.update(stream=True, stream_options={"include_usage": True})
+    try:
+        response = await asyncio.wait_for(
+            litellm.acompletion(**arguments), timeout=target.timeout_seconds + 1
+        )
+    except Exception as error:
+        raise provider_error(error) from error
+    iterator = response.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(
+                iterator.__anext__(), timeout=target.timeout_seconds
+            )
+        except StopAsyncIteration:
+            return
+        except Exception as error:
+            raise provider_error(error) from error
+        yield chunk.model_dump(exclude_none=True)
+
+
+def estimate_tokens(
+    target: Target, body: dict[str, Any], completion_text: str
+) -> tuple[int, int]:
+    """(prompt, completion) tokens counted here, for a stream whose upstream
+    sent no usage: litellm's tokenizer for the model, else ~4 characters a token."""
+    messages = body.get("messages") or []
+    try:
+        counter = _litellm().token_counter
+        prompt = int(counter(model=target.model, messages=messages))
+        completion = (
+            int(counter(model=target.model, text=completion_text))
+            if completion_text
+            else 0
+        )
+    except Exception:  # an unknown tokenizer must not lose the record
+        prompt = max(1, len(json.dumps(messages)) // 4)
+        completion = (len(completion_text) + 3) // 4
+    return prompt, completion

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from accounts.models import RevokedToken, User
 from billing.models import Job, ModelPrice, UsageRecord
+from gateway_project.crypto import decrypt_text
 from routing.models import ModelGroupMember, ProviderCredential
 from routing.services import provider_credential_create
 from tenants.models import VirtualKey
@@ -210,7 +211,7 @@ def test_credential_key_set_in_admin_is_stored_encrypted(owner_client):
     assert response.status_code == 302
     credential = ProviderCredential.objects.get(name="anthropic")
     assert PROVIDER_KEY not in credential.api_key_encrypted
-    assert credential.get_api_key() == PROVIDER_KEY
+    assert decrypt_text(credential.api_key_encrypted) == PROVIDER_KEY
     page = owner_client.get(
         _url(ProviderCredential, "change", credential.pk)
     ).content.decode()

@@ -4,7 +4,8 @@ from django.db.models import ProtectedError
 
 from accounts.models import AuditLogEntry
 from gateway_project.errors import AlreadyExists
-from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCredential
+from routing.models import Deployment, ModelGroup, ModelGroupMember
+from routing.providers import target_for
 from routing.services import (
     deployment_create,
     model_group_create,
@@ -26,7 +27,12 @@ def test_provider_key_is_encrypted_at_rest():
         raw_row = cursor.fetchone()
     assert all(API_KEY not in str(column) for column in raw_row)
     assert credential.api_key_hint == "…cdef"
-    assert ProviderCredential.objects.get().get_api_key() == API_KEY
+    assert (
+        target_for(
+            deployment_create(name="d", model="openai/x", credential=credential)
+        ).api_key
+        == API_KEY
+    )
 
 
 def test_duplicate_model_group_is_refused_and_writes_nothing(model_group, deployment):

@@ -1,0 +1,564 @@
+"""The request path of DESIGN.md: authenticate, validate, resolve the model
+group, route with fallback, record exactly one usage record.
+
+Database and cache work runs in worker threads (``sync_to_async``), bundled so
+that a call makes few hops; provider calls run on the event loop and never
+inside a database transaction. Limits (step 3), money (step 4) and the response
+cache (step 5) have their places marked; they arrive with the next issue.
+"""
+
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.cache import cache
+from django.http import (
+    HttpRequest,
+    HttpResponseBase,
+    JsonResponse,
+    StreamingHttpResponse,
+)
+from django.utils import timezone
+
+from billing.models import Job, UsageSource, UsageStatus
+from billing.selectors import model_price_at
+from billing.services import usage_cost_micros, usage_record_create
+from gateway_project.errors import GatewayError, NotFound
+from routing import providers
+from routing.models import DeploymentStatus, ModelGroup, ModelGroupStatus
+from routing.providers import ProviderError, Target
+from tenants.authentication import (
+    presented_key,
+    virtual_key_authenticate,
+    virtual_key_touch,
+)
+from tenants.models import VirtualKey
+
+
+class ModelNotFound(GatewayError):
+    http_status = 404
+    code = "model_not_found"
+
+
+class ModelNotAllowed(GatewayError):
+    http_status = 403
+    code = "model_not_allowed"
+
+
+@dataclass
+class Call:
+    """One request on its way through the pipeline."""
+
+    request_id: str
+    key: VirtualKey
+    endpoint: str
+    group: ModelGroup
+    targets: list[Target]
+    cooled: set[int]
+    body: dict[str, Any]
+    job: Job | None
+    started: float = field(default_factory=time.monotonic)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def latency_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+
+# --- steps 1 and 2: authenticate, validate, resolve ---------------------------------
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(
+            "Request body is not valid JSON", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise GatewayError("Request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _validate(endpoint: str, body: dict[str, Any]) -> None:
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise GatewayError("model is required", param="model")
+    required = {"chat": "messages", "completion": "prompt", "embedding": "input"}[
+        endpoint
+    ]
+    value = body.get(required)
+    if endpoint == "chat" and (not isinstance(value, list) or not value):
+        raise GatewayError("messages must be a non-empty list", param="messages")
+    if endpoint != "chat" and not isinstance(value, str | list):
+        raise GatewayError(f"{required} is required", param=required)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise GatewayError("stream must be a boolean", param="stream")
+
+
+def allowed_groups(key: VirtualKey) -> list[ModelGroup]:
+    """The active groups a key may use: its own list if it has one, else its team's."""
+    groups = key.team.model_groups.filter(status=ModelGroupStatus.ACTIVE)
+    restricted = list(key.allowed_model_groups.values_list("pk", flat=True))
+    if restricted:
+        groups = groups.filter(pk__in=restricted)
+    return list(groups.order_by("group_name"))
+
+
+def _ordered(members: list[Any]) -> list[Any]:
+    """Members by priority; within one priority a weighted random order, so that
+    load spreads across equals."""
+    ordered: list[Any] = []
+    for priority in sorted({member.priority for member in members}):
+        tier = [member for member in members if member.priority == priority]
+        while tier:
+            chosen = random.choices(tier, weights=[m.weight for m in tier])[0]  # noqa: S311 - load spreading
+            ordered.append(chosen)
+            tier.remove(chosen)
+    return ordered
+
+
+def _cooldown_key(deployment_id: int) -> str:
+    return f"cooldown:deployment:{deployment_id}"
+
+
+def _prepare(request: HttpRequest, endpoint: str, body: dict[str, Any]) -> Call:
+    """Authenticate, validate and resolve in one trip to the worker thread."""
+    key = virtual_key_authenticate(plaintext=presented_key(request))
+    _validate(endpoint, body)
+    group = (
+        ModelGroup.objects.filter(
+            group_name=body["model"], status=ModelGroupStatus.ACTIVE
+        )
+        .prefetch_related("members__deployment__credential")
+        .first()
+    )
+    if group is None:
+        raise ModelNotFound(
+            f"The model '{body['model']}' does not exist", param="model"
+        )
+    if group.pk not in {allowed.pk for allowed in allowed_groups(key)}:
+        raise ModelNotAllowed(
+            f"This key may not use the model '{body['model']}'", param="model"
+        )
+    job = _job_for(request, key)
+    members = [
+        m for m in group.members.all() if m.deployment.status == DeploymentStatus.ACTIVE
+    ]
+    targets = [providers.target_for(member.deployment) for member in _ordered(members)]
+    cooling = cache.get_many(
+        [_cooldown_key(target.deployment_id) for target in targets]
+    )
+    cooled = {
+        t.deployment_id for t in targets if cooling.get(_cooldown_key(t.deployment_id))
+    }
+    return Call(
+        request_id=request.request_id,  # type: ignore[attr-defined]
+        key=key,
+        endpoint=endpoint,
+        group=group,
+        targets=targets,
+        cooled=cooled,
+        body=body,
+        job=job,
+    )
+
+
+def _job_for(request: HttpRequest, key: VirtualKey) -> Job | None:
+    job_id = request.headers.get("X-Job-Id")
+    if not job_id:
+        return None
+    try:
+        job = Job.objects.filter(job_id=job_id).first()
+    except Exception:  # not a UUID
+        job = None
+    if job is None:
+        raise NotFound(f"Job '{job_id}' not found", param="X-Job-Id")
+    if job.team_id != key.team_id:
+        raise GatewayError(
+            "This job belongs to another team",
+            code="permission_denied",
+            http_status=403,
+        )
+    return job
+
+
+# --- step 6: route with fallback and shared cooldowns ----------------------------
+
+
+def _record_failure(deployment_id: int, error: ProviderError) -> None:
+    """Count a retryable failure; too many within the window (or a 429) cool
+    the deployment down for every gateway process, through Redis."""
+    window = settings.GATEWAY_FAILURE_WINDOW_SECONDS
+    counter = f"failures:deployment:{deployment_id}"
+    if not cache.add(counter, 1, timeout=window):
+        try:
+            failures = cache.incr(counter)
+        except ValueError:
+            failures = 1
+    else:
+        failures = 1
+    if error.status == 429 or failures >= settings.GATEWAY_COOLDOWN_FAILURES:
+        cache.set(
+            _cooldown_key(deployment_id), 1, timeout=settings.GATEWAY_COOLDOWN_SECONDS
+        )
+
+
+def _candidates(call: Call) -> list[Target]:
+    usable = [
+        t for t in call.targets if t.available and t.deployment_id not in call.cooled
+    ]
+    for target in call.targets:
+        if target not in usable:
+            reason = (
+                "cooldown" if target.deployment_id in call.cooled else "no_credential"
+            )
+            call.attempts.append(
+                {"deployment": target.deployment_name, "skipped": reason}
+            )
+    return usable
+
+
+def _all_failed(call: Call, tried: list[ProviderError]) -> GatewayError:
+    if not tried:
+        return GatewayError(
+            f"No deployment of '{call.group.group_name}' is available right now",
+            code="no_deployment_available",
+            http_status=503,
+        )
+    if all(error.code == "upstream_timeout" for error in tried):
+        return GatewayError(
+            "Every deployment timed out", code="upstream_timeout", http_status=504
+        )
+    return GatewayError(
+        f"Every deployment failed; last error: {tried[-1].message}",
+        code="upstream_error",
+        http_status=502,
+    )
+
+
+async def _attempt_all(call: Call) -> tuple[Target, providers.Completion]:
+    tried: list[ProviderError] = []
+    for target in _candidates(call):
+        started = time.monotonic()
+        try:
+            completion = await providers.call(target, call.endpoint, call.body)
+        except ProviderError as error:
+            call.attempts.append(_attempt(target, started, error))
+            if not error.retryable:
+                raise GatewayError(
+                    error.message, code=error.code, http_status=error.status
+                ) from None
+            tried.append(error)
+            await sync_to_async(_record_failure)(target.deployment_id, error)
+            continue
+        call.attempts.append(_attempt(target, started, None))
+        return target, completion
+    raise _all_failed(call, tried)
+
+
+def _attempt(
+    target: Target, started: float, error: ProviderError | None
+) -> dict[str, Any]:
+    attempt: dict[str, Any] = {
+        "deployment": target.deployment_name,
+        "latency_ms": int((time.monotonic() - started) * 1000),
+    }
+    if error is not None:
+        attempt.update(error_code=error.code, status=error.status)
+    return attempt
+
+
+# --- step 7: settle -------------------------------------------------------------------
+
+
+def _price(model: str, at: datetime) -> tuple[int, int]:
+    """Micro-USD per million tokens: the operator's price, else litellm's."""
+    price = model_price_at(model=model, at=at)
+    if price is not None:
+        return (
+            price.input_price_per_million_micros,
+            price.output_price_per_million_micros,
+        )
+    known = providers.catalog_model(model) or providers.catalog_model(
+        model.split("/", 1)[-1]
+    )
+    if known is None:
+        return 0, 0  # unknown price: the next issue decides refuse or fallback price
+    per_million = Decimal(1_000_000_000_000)
+    return tuple(  # type: ignore[return-value]
+        int(
+            ((cost or Decimal(0)) * per_million).quantize(
+                Decimal(1), rounding=ROUND_HALF_UP
+            )
+        )
+        for cost in (known.input_cost_per_token, known.output_cost_per_token)
+    )
+
+
+def _record(
+    call: Call,
+    *,
+    target: Target | None,
+    status: str,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    usage_source: str = UsageSource.PROVIDER,
+    error: GatewayError | None = None,
+    streamed: bool = False,
+) -> None:
+    now = timezone.now()
+    input_price, output_price = _price(target.model, now) if target else (0, 0)
+    markup = call.key.team.price_markup_bps
+    cost = (
+        usage_cost_micros(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            input_price=input_price,
+            output_price=output_price,
+            markup_bps=markup,
+        )
+        if status == UsageStatus.SUCCESS or status == UsageStatus.CLIENT_DISCONNECTED
+        else 0
+    )
+    metadata = call.body.get("metadata")
+    usage_record_create(
+        request_id=call.request_id,
+        organization_id=call.key.team.organization_id,
+        team_id=call.key.team_id,
+        virtual_key=call.key,
+        model_group=call.group,
+        deployment_id=target.deployment_id if target else None,
+        job=call.job,
+        endpoint=call.endpoint,
+        requested_model=call.group.group_name,
+        provider_model=target.model if target else "",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        input_price_per_million_micros=input_price,
+        output_price_per_million_micros=output_price,
+        price_markup_bps=markup,
+        cost_micros=cost,
+        latency_ms=call.latency_ms,
+        status=status,
+        http_status=error.http_status if error else 200,
+        error_code=error.code if error else "",
+        error_message=error.message if error else "",
+        usage_source=usage_source,
+        streamed=streamed,
+        fallbacks_tried=call.attempts,
+        metadata=metadata if isinstance(metadata, dict) else {},
+        created_at=now,
+    )
+    if status != UsageStatus.ERROR:
+        virtual_key_touch(key=call.key)
+
+
+def _headers(
+    response: HttpResponseBase, call: Call, target: Target | None
+) -> HttpResponseBase:
+    response["x-gateway-model-group"] = call.group.group_name
+    if target is not None:
+        response["x-gateway-deployment"] = target.deployment_name
+    response["x-gateway-attempts"] = str(
+        sum(1 for a in call.attempts if "skipped" not in a)
+    )
+    return response
+
+
+# --- the entry points ---------------------------------------------------------------
+
+
+async def handle(request: HttpRequest, endpoint: str) -> HttpResponseBase:
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+    body = _json_body(request)
+    call = await sync_to_async(_prepare)(request, endpoint, body)
+    # Step 3 (rate limits) and step 4 (credit hold) come with the next issue.
+    if endpoint == "chat" and body.get("stream"):
+        return await _stream(call)
+    try:
+        target, completion = await _attempt_all(call)
+    except GatewayError as error:
+        await sync_to_async(_record)(
+            call, target=None, status=UsageStatus.ERROR, error=error
+        )
+        raise
+    source = (
+        UsageSource.PROVIDER if completion.usage_reported else UsageSource.ESTIMATED
+    )
+    await sync_to_async(_record)(
+        call,
+        target=target,
+        status=UsageStatus.SUCCESS,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        usage_source=source,
+    )
+    completion.body["model"] = call.group.group_name
+    return _headers(JsonResponse(completion.body), call, target)
+
+
+async def _stream(call: Call) -> HttpResponseBase:
+    """Open the stream on the first deployment that yields a first chunk; then
+    relay chunk by chunk. Failures before the first chunk fall back."""
+    tried: list[ProviderError] = []
+    for target in _candidates(call):
+        started = time.monotonic()
+        chunks = providers.stream(target, call.body)
+        try:
+            first = await chunks.__anext__()
+        except (ProviderError, StopAsyncIteration) as failure:
+            error = (
+                failure
+                if isinstance(failure, ProviderError)
+                else ProviderError(
+                    "Upstream closed the stream without data",
+                    status=502,
+                    code="upstream_error",
+                    retryable=True,
+                )
+            )
+            call.attempts.append(_attempt(target, started, error))
+            if not error.retryable:
+                gateway_error = GatewayError(
+                    error.message, code=error.code, http_status=error.status
+                )
+                await sync_to_async(_record)(
+                    call, target=None, status=UsageStatus.ERROR, error=gateway_error
+                )
+                raise gateway_error from None
+            tried.append(error)
+            await sync_to_async(_record_failure)(target.deployment_id, error)
+            continue
+        call.attempts.append(_attempt(target, started, None))
+        response = StreamingHttpResponse(
+            _relay(call, target, first, chunks), content_type="text/event-stream"
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+        return _headers(response, call, target)
+    refusal = _all_failed(call, tried)
+    await sync_to_async(_record)(
+        call, target=None, status=UsageStatus.ERROR, error=refusal
+    )
+    raise refusal
+
+
+async def _relay(
+    call: Call,
+    target: Target,
+    first: dict[str, Any],
+    chunks: AsyncIterator[dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """Forward chunks as they arrive; settle exactly once however it ends."""
+    wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+    usage: dict[str, Any] = {}
+    text: list[str] = []
+    status = UsageStatus.CLIENT_DISCONNECTED
+    error: GatewayError | None = None
+    try:
+        pending: dict[str, Any] | None = first
+        while pending is not None:
+            chunk = pending
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or []:
+                text.append(str((choice.get("delta") or {}).get("content") or ""))
+            is_usage_only = bool(chunk.get("usage")) and not any(
+                (c.get("delta") or {}).get("content") or c.get("finish_reason")
+                for c in chunk.get("choices") or []
+            )
+            if chunk.get("usage") and not wants_usage:
+                chunk = {k: v for k, v in chunk.items() if k != "usage"}
+            if not (is_usage_only and not wants_usage):
+                chunk["model"] = call.group.group_name
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            try:
+                pending = await chunks.__anext__()
+            except StopAsyncIteration:
+                pending = None
+        status = UsageStatus.SUCCESS
+        yield b"data: [DONE]\n\n"
+    except ProviderError as failure:
+        status = UsageStatus.ERROR
+        error = GatewayError(
+            failure.message, code=failure.code, http_status=failure.status
+        )
+        body = {
+            "error": {
+                "message": failure.message,
+                "type": "api_error",
+                "code": failure.code,
+                "param": None,
+            }
+        }
+        yield f"data: {json.dumps(body)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+    finally:
+        await _settle_stream(call, target, usage, "".join(text), status, error)
+
+
+async def _settle_stream(
+    call: Call,
+    target: Target,
+    usage: dict[str, Any],
+    text: str,
+    status: str,
+    error: GatewayError | None,
+) -> None:
+    if usage:
+        prompt, completion, source = (
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+            UsageSource.PROVIDER,
+        )
+    else:
+        prompt, completion = providers.estimate_tokens(target, call.body, text)
+        source = UsageSource.ESTIMATED
+    # The client may be gone and this task cancelled: shield the write so that
+    # what was generated is recorded all the same.
+    import asyncio
+
+    await asyncio.shield(
+        sync_to_async(_record)(
+            call,
+            target=target,
+            status=status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            usage_source=source,
+            error=error,
+            streamed=True,
+        )
+    )
+
+
+async def models(request: HttpRequest) -> JsonResponse:
+    """GET /v1/models: the groups this key may use, in OpenAI's list shape."""
+
+    def groups() -> list[ModelGroup]:
+        return allowed_groups(
+            virtual_key_authenticate(plaintext=presented_key(request))
+        )
+
+    listed = await sync_to_async(groups)()
+    return JsonResponse(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": group.group_name,
+                    "object": "model",
+                    "created": int(group.created_at.timestamp()),
+                    "owned_by": "gateway",
+                }
+                for group in listed
+            ],
+        }
+    )
