@@ -5,10 +5,19 @@ from typing import Any
 
 from django.db import transaction
 from django.db.models import F
+from django.utils import timezone
 
 from accounts.models import User
 from accounts.services import audit_log_record
-from billing.models import CreditAccount, LedgerEntry, LedgerEntryType, UsageRecord
+from billing.models import (
+    CreditAccount,
+    Job,
+    JobStatus,
+    LedgerEntry,
+    LedgerEntryType,
+    UsageRecord,
+    UsageStatus,
+)
 from gateway_project.errors import GatewayError
 from tenants.models import Organization, Team, VirtualKey
 from tenants.services import limits_within, team_create, virtual_key_issue
@@ -185,12 +194,71 @@ def usage_cost_micros(
 
 def usage_record_create(*, request_id: str, **fields: Any) -> UsageRecord:
     """The one usage record of a request; a second call for the same request id
-    returns the first record unchanged (settlement is idempotent)."""
+    returns the first record unchanged (settlement is idempotent). A call
+    attached to a job adds to the job's totals in the same transaction."""
     fields.setdefault(
         "total_tokens",
         fields.get("prompt_tokens", 0) + fields.get("completion_tokens", 0),
     )
-    record, _ = UsageRecord.objects.get_or_create(
-        request_id=request_id, defaults=fields
-    )
+    with transaction.atomic():
+        record, created = UsageRecord.objects.get_or_create(
+            request_id=request_id, defaults=fields
+        )
+        if created and record.job_id is not None:
+            success = record.status != UsageStatus.ERROR
+            Job.objects.filter(pk=record.job_id).update(
+                total_calls=F("total_calls") + 1,
+                successful_calls=F("successful_calls") + int(success),
+                failed_calls=F("failed_calls") + int(not success),
+                total_tokens=F("total_tokens") + record.total_tokens,
+                total_cost_micros=F("total_cost_micros") + record.cost_micros,
+            )
+            Job.objects.filter(pk=record.job_id, status=JobStatus.PENDING).update(
+                status=JobStatus.IN_PROGRESS, started_at=record.created_at
+            )
     return record
+
+
+def job_create(
+    *,
+    team: Team,
+    job_type: str,
+    user_id: str = "",
+    metadata: dict[str, Any] | None = None,
+    key: VirtualKey | None = None,
+) -> Job:
+    """Open a job for a team (seed 000)."""
+    return Job.objects.create(
+        team=team,
+        virtual_key=key,
+        job_type=job_type,
+        user_id=user_id,
+        metadata=metadata or {},
+    )
+
+
+def job_complete(
+    *,
+    job: Job,
+    status: str,
+    metadata: dict[str, Any] | None = None,
+    error_message: str = "",
+) -> Job:
+    """Close a job as completed or failed. Raises GatewayError if it is closed.
+
+    Charging job_based teams 1 credit per completed job comes with the money
+    issue, here.
+    """
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(pk=job.pk)
+        if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+            raise GatewayError(
+                f"Job is already {job.status}", code="job_closed", http_status=409
+            )
+        job.status = status
+        job.completed_at = timezone.now()
+        job.error_message = error_message
+        if metadata:
+            job.metadata = {**job.metadata, **metadata}
+        job.save(update_fields=["status", "completed_at", "error_message", "metadata"])
+    return job

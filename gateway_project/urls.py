@@ -5,6 +5,7 @@ from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts.api.views import UserListCreateApi
+from billing.api import jobs as jobs_api
 from billing.api import views as billing_api
 from gateway_project import ops
 from gateway_project.errors import error_body
@@ -59,6 +60,12 @@ api_urls = [
         "credits/teams/<str:team_id>/auto-refill", billing_api.AutoRefillApi.as_view()
     ),
     path("stats/dashboard", routing_api.DashboardApi.as_view()),
+    path("jobs/create", jobs_api.JobCreateApi.as_view()),
+    path("jobs/<str:job_id>", jobs_api.JobDetailApi.as_view()),
+    path("jobs/<str:job_id>/costs", jobs_api.JobCostsApi.as_view()),
+    path("jobs/<str:job_id>/complete", jobs_api.JobCompleteApi.as_view()),
+    path("jobs/<str:job_id>/llm-call", routing_views.job_llm_call),
+    path("jobs/<str:job_id>/llm-call-stream", routing_views.job_llm_call_stream),
 ]
 
 urlpatterns = [
@@ -80,6 +87,7 @@ urlpatterns = [
     path("v1/completions", routing_views.completions),
     path("v1/embeddings", routing_views.embeddings),
     path("v1/models", routing_views.models),
+    path("v1/generate", routing_views.generate),
 ]
 
 _API_PREFIXES = ("/api/", "/v1/")

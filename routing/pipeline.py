@@ -10,6 +10,7 @@ cache (step 5) have their places marked; they arrive with the next issue.
 import json
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,7 +28,7 @@ from django.http import (
 )
 from django.utils import timezone
 
-from billing.models import Job, UsageSource, UsageStatus
+from billing.models import Job, JobStatus, UsageSource, UsageStatus
 from billing.selectors import model_price_at
 from billing.services import usage_cost_micros, usage_record_create
 from gateway_project.errors import GatewayError, NotFound
@@ -128,7 +129,9 @@ def _cooldown_key(deployment_id: int) -> str:
     return f"cooldown:deployment:{deployment_id}"
 
 
-def _prepare(request: HttpRequest, endpoint: str, body: dict[str, Any]) -> Call:
+def _prepare(
+    request: HttpRequest, endpoint: str, body: dict[str, Any], job_id: str | None = None
+) -> Call:
     """Authenticate, validate and resolve in one trip to the worker thread."""
     key = virtual_key_authenticate(plaintext=presented_key(request))
     _validate(endpoint, body)
@@ -147,7 +150,7 @@ def _prepare(request: HttpRequest, endpoint: str, body: dict[str, Any]) -> Call:
         raise ModelNotAllowed(
             f"This key may not use the model '{body['model']}'", param="model"
         )
-    job = _job_for(request, key)
+    job = _job_for(job_id or request.headers.get("X-Job-Id"), key)
     members = [
         m for m in group.members.all() if m.deployment.status == DeploymentStatus.ACTIVE
     ]
@@ -170,21 +173,26 @@ def _prepare(request: HttpRequest, endpoint: str, body: dict[str, Any]) -> Call:
     )
 
 
-def _job_for(request: HttpRequest, key: VirtualKey) -> Job | None:
-    job_id = request.headers.get("X-Job-Id")
+def _job_for(job_id: str | None, key: VirtualKey) -> Job | None:
+    """The job a call is attached to: unknown → 404, another team's → 403,
+    closed → 409."""
     if not job_id:
         return None
     try:
-        job = Job.objects.filter(job_id=job_id).first()
-    except Exception:  # not a UUID
+        job = Job.objects.filter(job_id=uuid.UUID(str(job_id))).first()
+    except ValueError:
         job = None
     if job is None:
-        raise NotFound(f"Job '{job_id}' not found", param="X-Job-Id")
+        raise NotFound(f"Job '{job_id}' not found", param="job_id")
     if job.team_id != key.team_id:
         raise GatewayError(
             "This job belongs to another team",
             code="permission_denied",
             http_status=403,
+        )
+    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        raise GatewayError(
+            f"Job is already {job.status}", code="job_closed", http_status=409
         )
     return job
 
@@ -375,13 +383,15 @@ def _headers(
 # --- the entry points ---------------------------------------------------------------
 
 
-async def handle(request: HttpRequest, endpoint: str) -> HttpResponseBase:
-    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
-    body = _json_body(request)
-    call = await sync_to_async(_prepare)(request, endpoint, body)
-    # Step 3 (rate limits) and step 4 (credit hold) come with the next issue.
-    if endpoint == "chat" and body.get("stream"):
-        return await _stream(call)
+async def prepare(
+    request: HttpRequest, endpoint: str, body: dict[str, Any], job_id: str | None = None
+) -> Call:
+    """Steps 1-2 (and, with the next issue, 3-5) for a parsed body."""
+    return await sync_to_async(_prepare)(request, endpoint, body, job_id)
+
+
+async def complete(call: Call) -> tuple[Target, providers.Completion]:
+    """Step 6-7 for a call that is not streamed: the answer, recorded."""
     try:
         target, completion = await _attempt_all(call)
     except GatewayError as error:
@@ -401,6 +411,21 @@ async def handle(request: HttpRequest, endpoint: str) -> HttpResponseBase:
         usage_source=source,
     )
     completion.body["model"] = call.group.group_name
+    return target, completion
+
+
+async def handle(
+    request: HttpRequest,
+    endpoint: str,
+    body: dict[str, Any] | None = None,
+    job_id: str | None = None,
+) -> HttpResponseBase:
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+    body = _json_body(request) if body is None else body
+    call = await prepare(request, endpoint, body, job_id)
+    if endpoint == "chat" and body.get("stream"):
+        return await _stream(call)
+    target, completion = await complete(call)
     return _headers(JsonResponse(completion.body), call, target)
 
 
@@ -562,3 +587,146 @@ async def models(request: HttpRequest) -> JsonResponse:
             ],
         }
     )
+
+
+# --- /v1/generate (seed 004) ------------------------------------------------------
+
+_GENERATE_RANGES: dict[str, tuple[type, float, float]] = {
+    "max_new_tokens": (int, 1, 32_768),
+    "temperature": (float, 0, 2),
+    "top_p": (float, 0, 1),
+    "top_k": (int, 1, 1_000),
+}
+
+
+def generate_body(body: dict[str, Any], default_model: str | None) -> dict[str, Any]:
+    """Seed 004's generate request as a chat request; out-of-range → 400 naming it."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise GatewayError("prompt is required", param="prompt")
+    chat: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
+    for name, (kind, low, high) in _GENERATE_RANGES.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (kind is int and not isinstance(value, int))
+        ):
+            raise GatewayError(
+                f"{name} must be {'an integer' if kind is int else 'a number'}",
+                param=name,
+            )
+        if not low <= value <= high:
+            raise GatewayError(
+                f"{name} must be between {low:g} and {high:g}", param=name
+            )
+        chat["max_tokens" if name == "max_new_tokens" else name] = value
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if (
+            not isinstance(stops, list)
+            or not 1 <= len(stops) <= 4
+            or not all(isinstance(s, str) and s for s in stops)
+        ):
+            raise GatewayError(
+                "stop must be a string or a list of 1 to 4 strings", param="stop"
+            )
+        chat["stop"] = stops
+    model = body.get("model") or default_model
+    if not model:
+        raise GatewayError(
+            "model is required: this key may use several model groups", param="model"
+        )
+    chat["model"] = model
+    return chat
+
+
+async def generate(request: HttpRequest) -> HttpResponseBase:
+    """POST /v1/generate → {model, output, cached}."""
+    body = _json_body(request)
+
+    def default_model() -> str | None:
+        if body.get("model"):
+            return None
+        groups = allowed_groups(
+            virtual_key_authenticate(plaintext=presented_key(request))
+        )
+        return groups[0].group_name if len(groups) == 1 else None
+
+    chat = generate_body(body, await sync_to_async(default_model)())
+    call = await prepare(request, "chat", chat)
+    target, completion = await complete(call)
+    choice = (completion.body.get("choices") or [{}])[0]
+    output = str((choice.get("message") or {}).get("content") or "")
+    return _headers(
+        JsonResponse(
+            {"model": call.group.group_name, "output": output, "cached": False}
+        ),
+        call,
+        target,
+    )
+
+
+# --- jobs (seed 000) -----------------------------------------------------------------
+
+_JOB_CALL_FIELDS = {
+    "temperature",
+    "max_tokens",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "top_p",
+    "stop",
+}
+
+
+def job_call_body(body: dict[str, Any]) -> dict[str, Any]:
+    """Seed 000's llm-call body as a chat request; purpose and call_metadata
+    become the usage record's metadata."""
+    chat = {key: value for key, value in body.items() if key in _JOB_CALL_FIELDS}
+    chat["model"] = body.get("model")
+    chat["messages"] = body.get("messages")
+    metadata = body.get("call_metadata") or {}
+    if not isinstance(metadata, dict):
+        raise GatewayError("call_metadata must be an object", param="call_metadata")
+    chat["metadata"] = {
+        **metadata,
+        **({"purpose": body["purpose"]} if body.get("purpose") else {}),
+    }
+    return chat
+
+
+async def job_llm_call(request: HttpRequest, job_id: str) -> HttpResponseBase:
+    """POST /api/jobs/{job_id}/llm-call."""
+    call = await prepare(request, "chat", job_call_body(_json_body(request)), job_id)
+    target, completion = await complete(call)
+    choice = (completion.body.get("choices") or [{}])[0]
+    return _headers(
+        JsonResponse(
+            {
+                "call_id": call.request_id,
+                "response": {
+                    "content": (choice.get("message") or {}).get("content"),
+                    "finish_reason": choice.get("finish_reason"),
+                },
+                "metadata": {
+                    "tokens_used": completion.prompt_tokens
+                    + completion.completion_tokens,
+                    "latency_ms": call.latency_ms,
+                    "model": call.group.group_name,
+                },
+            }
+        ),
+        call,
+        target,
+    )
+
+
+async def job_llm_call_stream(request: HttpRequest, job_id: str) -> HttpResponseBase:
+    """POST /api/jobs/{job_id}/llm-call-stream: SSE of OpenAI chunks."""
+    body = {**job_call_body(_json_body(request)), "stream": True}
+    call = await prepare(request, "chat", body, job_id)
+    return await _stream(call)

@@ -49,3 +49,31 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
 @require_GET
 async def models(request: HttpRequest) -> HttpResponseBase:
     return await pipeline.models(request)
+
+
+@openai_view
+@require_POST
+async def generate(request: HttpRequest) -> HttpResponseBase:
+    return await pipeline.generate(request)
+
+
+def _job_view(
+    function: Callable[[HttpRequest, str], Awaitable[HttpResponseBase]],
+) -> Any:
+    @wraps(function)
+    async def view(request: HttpRequest, job_id: str) -> HttpResponseBase:
+        if request.method != "POST":
+            return error_response(
+                GatewayError("Use POST", code="method_not_allowed", http_status=405)
+            )
+        try:
+            return await function(request, job_id)
+        except GatewayError as error:
+            return error_response(error)
+
+    view.http_methods = ("post",)  # type: ignore[attr-defined]
+    return csrf_exempt(view)
+
+
+job_llm_call = _job_view(pipeline.job_llm_call)
+job_llm_call_stream = _job_view(pipeline.job_llm_call_stream)

@@ -21,6 +21,7 @@ from accounts.tests.test_authorization_matrix import ENDPOINTS as ACCOUNTS_ENDPO
 from billing.services import team_open
 from gateway_project.money import MICROS
 from routing.services import deployment_create, model_group_create
+from routing.tests.test_jobs import ENDPOINTS as JOBS_ENDPOINTS
 from tenants.models import Status, Team, VirtualKey
 from tenants.services import organization_create, team_create, virtual_key_issue
 
@@ -296,11 +297,12 @@ def _api_routes() -> set[tuple[str, str]]:
                 walk(pattern.url_patterns, route)
             elif isinstance(pattern, URLPattern) and _is_api(route):
                 view_class = getattr(pattern.callback, "view_class", None)
-                assert view_class is not None, f"{route} is not a class-based view"
+                methods = getattr(pattern.callback, "http_methods", None)
+                assert view_class or methods, f"{route} declares no methods"
                 found.update(
                     (route, method)
                     for method in HTTP_METHODS
-                    if hasattr(view_class, method)
+                    if (methods and method in methods) or hasattr(view_class, method)
                 )
 
     walk(get_resolver().url_patterns, "")
@@ -315,9 +317,14 @@ def _is_api(route: str) -> bool:
 
 def _covered() -> set[tuple[str, str]]:
     """(route, method) the two matrices request, resolved to their patterns."""
-    placeholders = {"key_a": "key1", "spare_key": "key2", "victim": uuid.uuid4()}
+    placeholders = {
+        "key_a": "key1",
+        "spare_key": "key2",
+        "victim": uuid.uuid4(),
+        "job": uuid.uuid4(),
+    }
     covered = set()
-    for _, method, path, _, _ in [*ENDPOINTS, *ACCOUNTS_ENDPOINTS]:
+    for _, method, path, _, _ in [*ENDPOINTS, *ACCOUNTS_ENDPOINTS, *JOBS_ENDPOINTS]:
         concrete = path.format(**placeholders).partition("?")[0]
         covered.add((resolve(concrete).route, method))
     return covered

@@ -37,7 +37,9 @@ def test_missing_key_is_401_missing_api_key(client, team):
     _refused(_post(client, CHAT), 401, "missing_api_key")
 
 
-@pytest.mark.parametrize("presented", ["sk-gw_aaaaaaaaaaaa_" + "b" * 40, "nonsense", "Bearer"])
+@pytest.mark.parametrize(
+    "presented", ["sk-gw_aaaaaaaaaaaa_" + "b" * 40, "nonsense", "Bearer"]
+)
 def test_wrong_key_is_401_invalid_api_key(client, team, presented):
     _refused(_post(client, CHAT, HTTP_X_API_KEY=presented), 401, "invalid_api_key")
 
@@ -50,21 +52,33 @@ def test_revoked_key_is_401_invalid_api_key(client, team):
 
 
 def test_unknown_model_is_404_model_not_found(client, key):
-    _refused(_post(client, {**CHAT, "model": "nope"}, key), 404, "model_not_found", "model")
+    _refused(
+        _post(client, {**CHAT, "model": "nope"}, key), 404, "model_not_found", "model"
+    )
 
 
 def test_model_of_another_team_is_403_model_not_allowed(client, key, deployment):
     model_group_create(group_name="private", members=[(deployment, 0)])
 
-    _refused(_post(client, {**CHAT, "model": "private"}, key), 403, "model_not_allowed", "model")
+    _refused(
+        _post(client, {**CHAT, "model": "private"}, key),
+        403,
+        "model_not_allowed",
+        "model",
+    )
 
 
 def test_group_outside_the_keys_own_list_is_403(client, team, deployment, model_group):
     other = model_group_create(group_name="other", members=[(deployment, 0)])
     team.model_groups.add(other)
-    key, plaintext = virtual_key_issue(team=team, allowed_model_groups=[model_group])
+    _, plaintext = virtual_key_issue(team=team, allowed_model_groups=[model_group])
 
-    _refused(_post(client, {**CHAT, "model": "other"}, plaintext), 403, "model_not_allowed", "model")
+    _refused(
+        _post(client, {**CHAT, "model": "other"}, plaintext),
+        403,
+        "model_not_allowed",
+        "model",
+    )
 
 
 @pytest.mark.parametrize(
@@ -83,7 +97,12 @@ def test_bad_bodies_are_400(client, key, body, code, param):
 
 
 def test_embeddings_need_input(client, key):
-    _refused(_post(client, {"model": "chat"}, key, path="/v1/embeddings"), 400, "invalid_request", "input")
+    _refused(
+        _post(client, {"model": "chat"}, key, path="/v1/embeddings"),
+        400,
+        "invalid_request",
+        "input",
+    )
 
 
 def test_get_on_a_post_endpoint_is_405(client, key):
@@ -104,8 +123,15 @@ def test_group_without_a_usable_deployment_is_503_and_recorded(client, team):
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_deployment_available"
     record = UsageRecord.objects.get()
-    assert (record.status, record.error_code, record.deployment, record.cost_micros) == ("error", "no_deployment_available", None, 0)
-    assert record.fallbacks_tried == [{"deployment": "gpt-4o", "skipped": "no_credential"}]
+    assert (
+        record.status,
+        record.error_code,
+        record.deployment,
+        record.cost_micros,
+    ) == ("error", "no_deployment_available", None, 0)
+    assert record.fallbacks_tried == [
+        {"deployment": "gpt-4o", "skipped": "no_credential"}
+    ]
 
 
 def test_models_lists_only_what_the_key_may_use(client, team, key, deployment):
@@ -120,24 +146,45 @@ def test_models_lists_only_what_the_key_may_use(client, team, key, deployment):
 
 
 def test_demo_group_answers_through_the_pipeline(client):
-    call_command("seed_demo", password="Seed-Passw0rd!", stdout=__import__("io").StringIO())
+    call_command(
+        "seed_demo", password="Seed-Passw0rd!", stdout=__import__("io").StringIO()
+    )
     key = VirtualKey.objects.get(alias="demo")
-    from tenants.keys import key_generate
     from gateway_project.crypto import derived_secret
+    from tenants.keys import key_generate
 
     plaintext = key_generate(seed=derived_secret("seed-demo-key")).plaintext
     assert key.public_id in plaintext
 
-    response = _post(client, {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "metadata": {"trace_id": "t-1"}}, plaintext)
+    response = _post(
+        client,
+        {
+            "model": "demo",
+            "messages": [{"role": "user", "content": "hi"}],
+            "metadata": {"trace_id": "t-1"},
+        },
+        plaintext,
+    )
 
     assert response.status_code == 200, response.content
     body = response.json()
     assert body["model"] == "demo"
-    assert body["choices"][0]["message"]["content"] == "Hello from the gateway's demo model group."
+    assert (
+        body["choices"][0]["message"]["content"]
+        == "Hello from the gateway's demo model group."
+    )
     assert response["x-gateway-deployment"] == "demo-mock"
     record = UsageRecord.objects.get()
-    assert (record.request_id, record.status, record.model_group, record.deployment.name) == (
-        response["x-request-id"], "success", ModelGroup.objects.get(group_name="demo"), "demo-mock",
+    assert (
+        record.request_id,
+        record.status,
+        record.model_group,
+        record.deployment.name,
+    ) == (
+        response["x-request-id"],
+        "success",
+        ModelGroup.objects.get(group_name="demo"),
+        "demo-mock",
     )
     assert record.metadata == {"trace_id": "t-1"}
     assert record.total_tokens == record.prompt_tokens + record.completion_tokens > 0
