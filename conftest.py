@@ -153,3 +153,22 @@ def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningSe
         server.kill()
     # The server's connections must be gone before the test database is flushed.
     connection.close()
+
+
+# --- Fake OpenAI-compatible upstream (routing/tests/fake_upstream.py) ----------
+
+from routing.tests.fake_upstream import FakeUpstream  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _fake_upstream_server() -> Iterator[FakeUpstream]:
+    server = FakeUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fake_upstream(_fake_upstream_server: FakeUpstream) -> FakeUpstream:
+    """The session's fake upstream, with no programs and no recorded requests."""
+    _fake_upstream_server.reset()
+    return _fake_upstream_server

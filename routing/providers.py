@@ -184,7 +184,10 @@ def _litellm() -> Any:
 def _arguments(target: Target, body: dict[str, Any]) -> dict[str, Any]:
     arguments = {key: value for key, value in body.items() if key in _FORWARDED}
     arguments.update(target.params)
-    arguments.update(model=target.model, timeout=target.timeout_seconds, num_retries=0)
+    # No retries inside litellm or its openai client: fallback is ours.
+    arguments.update(
+        model=target.model, timeout=target.timeout_seconds, num_retries=0, max_retries=0
+    )
     if target.api_key:
         arguments["api_key"] = target.api_key
     if target.api_base:
