@@ -7,6 +7,7 @@ inside a database transaction. Limits (step 3), money (step 4) and the response
 cache (step 5) have their places marked; they arrive with the next issue.
 """
 
+import asyncio
 import json
 import random
 import time
@@ -484,6 +485,7 @@ async def _relay(
     """Forward chunks as they arrive; settle exactly once however it ends."""
     wants_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
     usage: dict[str, Any] = {}
+    usage_estimated = False
     text: list[str] = []
     status = UsageStatus.CLIENT_DISCONNECTED
     error: GatewayError | None = None
@@ -491,6 +493,8 @@ async def _relay(
         pending: dict[str, Any] | None = first
         while pending is not None:
             chunk = pending
+            if chunk.pop("_usage_estimated", False):
+                usage_estimated = True
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices") or []:
@@ -526,30 +530,30 @@ async def _relay(
         yield f"data: {json.dumps(body)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     finally:
-        await _settle_stream(call, target, usage, "".join(text), status, error)
+        await _settle_stream(
+            call, target, usage, usage_estimated, "".join(text), status, error
+        )
 
 
 async def _settle_stream(
     call: Call,
     target: Target,
     usage: dict[str, Any],
+    usage_estimated: bool,
     text: str,
     status: str,
     error: GatewayError | None,
 ) -> None:
     if usage:
-        prompt, completion, source = (
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-            UsageSource.PROVIDER,
-        )
-    else:
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+    else:  # the stream ended (or was cut) before any usage came
         prompt, completion = providers.estimate_tokens(target, call.body, text)
-        source = UsageSource.ESTIMATED
+    source = (
+        UsageSource.ESTIMATED if usage_estimated or not usage else UsageSource.PROVIDER
+    )
     # The client may be gone and this task cancelled: shield the write so that
     # what was generated is recorded all the same.
-    import asyncio
-
     await asyncio.shield(
         sync_to_async(_record)(
             call,

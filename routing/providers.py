@@ -190,6 +190,10 @@ def _arguments(target: Target, body: dict[str, Any]) -> dict[str, Any]:
     )
     if target.api_key:
         arguments["api_key"] = target.api_key
+    elif target.api_base:
+        # A local OpenAI-compatible server (vLLM, Ollama, llama.cpp) wants no
+        # credential, but the openai client refuses to start without one.
+        arguments["api_key"] = "no-key-needed"
     if target.api_base:
         arguments["api_base"] = target.api_base
     return arguments
@@ -260,15 +264,26 @@ async def call(target: Target, kind: str, body: dict[str, Any]) -> Completion:
     except Exception as error:
         raise provider_error(error) from error
     usage = result.get("usage") or {}
-    # litellm invents usage when a provider sends none; it is "reported" only
-    # when the upstream's body had it.
-    reported = bool(usage) and not getattr(response, "_hidden_params", {}).get(
-        "usage_estimated", False
+    prompt, completion = (
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
     )
+    # litellm reports zeros when the upstream sent no usage: count them here.
+    reported = prompt + completion > 0
+    if not reported:
+        texts = [
+            str(
+                (choice.get("message") or {}).get("content") or choice.get("text") or ""
+            )
+            for choice in result.get("choices") or []
+        ]
+        prompt, completion = estimate_tokens(target, body, "".join(texts))
+        if kind == "embedding":
+            completion = 0
     return Completion(
         body=result,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
         usage_reported=reported,
     )
 
@@ -295,7 +310,23 @@ async def stream(target: Target, body: dict[str, Any]) -> AsyncIterator[dict[str
             return
         except Exception as error:
             raise provider_error(error) from error
-        yield chunk.model_dump(exclude_none=True)
+        data = chunk.model_dump(exclude_none=True)
+        if data.get("usage") and not _upstream_sent_usage(response):
+            # litellm counted these itself: the upstream sent no usage chunk.
+            data["_usage_estimated"] = True
+        yield data
+
+
+def _upstream_sent_usage(wrapper: Any) -> bool:
+    """Whether the upstream's own chunks (kept by litellm's stream wrapper)
+    carried usage, as opposed to usage litellm computed at the end."""
+    for raw in getattr(wrapper, "chunks", []) or []:
+        usage = (
+            raw.get("usage") if isinstance(raw, dict) else getattr(raw, "usage", None)
+        )
+        if usage:
+            return True
+    return False
 
 
 def estimate_tokens(
@@ -306,7 +337,12 @@ def estimate_tokens(
     messages = body.get("messages") or []
     try:
         counter = _litellm().token_counter
-        prompt = int(counter(model=target.model, messages=messages))
+        if messages:
+            prompt = int(counter(model=target.model, messages=messages))
+        else:
+            given = body.get("prompt") or body.get("input") or ""
+            text = given if isinstance(given, str) else " ".join(map(str, given))
+            prompt = int(counter(model=target.model, text=text))
         completion = (
             int(counter(model=target.model, text=completion_text))
             if completion_text
