@@ -34,6 +34,13 @@ cat <<BANNER
   API docs: $base/api/docs/
 
   Try:      curl -s $base/health
+            curl -s $base/v1/chat/completions -H "Authorization: Bearer $key" \\
+                 -H 'Content-Type: application/json' \\
+                 -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}]}'
+  Or, in Python (pip install openai):
+            from openai import OpenAI
+            client = OpenAI(base_url="$base/v1", api_key="$key")
+            print(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hello"}]).choices[0].message.content)
 
 BANNER
 exec "$PY" manage.py runserver "$HOST:$PORT" --noreload

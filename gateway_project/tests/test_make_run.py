@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +63,8 @@ def _start(
         if not line and process.poll() is not None:
             raise AssertionError("server exited:\n" + "".join(banner))
         banner.append(line)
-        if line.strip().startswith("Try:"):
+        # The banner ends with the blank line after its "Try:" block.
+        if any(seen.strip().startswith("Try:") for seen in banner) and not line.strip():
             break
     while time.monotonic() < deadline:
         try:
@@ -76,6 +78,21 @@ def _start(
 def _stop(process: subprocess.Popen[str]) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=20)
+
+
+DEMO_ANSWER = "Hello from the gateway's demo model group."
+
+
+def _curl_line(banner: str) -> str:
+    """The multi-line curl command the banner prints, joined into one."""
+    lines = banner.splitlines()
+    start = next(i for i, line in enumerate(lines) if "/v1/chat/completions" in line)
+    command = []
+    for line in lines[start:]:
+        command.append(line.strip().removesuffix("\\").strip())
+        if not line.rstrip().endswith("\\"):
+            break
+    return "curl" + " ".join(command).split("curl", 1)[1]
 
 
 @pytest.fixture
@@ -94,6 +111,24 @@ def test_make_run_serves_admin_and_health_and_prints_what_works(var_dir):
         assert b"LLM Gateway" in body
         status, body = _get(f"http://127.0.0.1:{port}/readyz")
         assert (status, json.loads(body)["mode"]) == (200, "embedded")
+        key = re.search(r"Demo key: (\S+)", banner)[1]  # type: ignore[index]
+        # The banner's curl line, as a user would paste it.
+        curl = _curl_line(banner)
+        answer = subprocess.run(
+            curl, shell=True, capture_output=True, text=True, timeout=60, check=True
+        )
+        assert (
+            json.loads(answer.stdout)["choices"][0]["message"]["content"] == DEMO_ANSWER
+        )
+        # And the official SDK.
+        sdk = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0
+        )
+        reply = sdk.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hello"}]
+        )
+        assert reply.choices[0].message.content == DEMO_ANSWER
+        assert [model.id for model in sdk.models.list().data] == ["demo"]
     finally:
         _stop(process)
 
