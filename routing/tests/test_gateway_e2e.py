@@ -360,3 +360,27 @@ def test_fifty_concurrent_calls_leave_fifty_records(gateway):
     assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == sorted(
         request_ids
     )
+
+
+def test_unknown_top_level_fields_are_accepted_and_not_forwarded(gateway):
+    response = httpx.post(
+        f"{gateway['url']}/v1/chat/completions",
+        json={
+            "model": "chat",
+            "messages": MESSAGES,
+            "user": "u-42",
+            "timeout": 30,
+            "vendor_flag": {"x": 1},
+            "metadata": {"tenant": "t1"},
+        },
+        headers={"X-API-Key": gateway["key"]},
+        timeout=20,
+    )
+
+    assert response.status_code == 200, response.text
+    sent = gateway["fake"].requests[-1].json
+    # Our own and unknown fields stay here; which OpenAI parameters reach a
+    # provider is litellm's per-provider mapping.
+    assert not {"vendor_flag", "metadata", "timeout"} & set(sent)
+    assert sent["messages"] == MESSAGES
+    assert UsageRecord.objects.get().metadata == {"tenant": "t1"}

@@ -10,11 +10,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def key(team) -> str:
+def key(team, fake_upstream) -> str:
+    fake_upstream.program("writer", content="Once upon a time.")
     mock = deployment_create(
         name="writer",
-        model="openai/writer",
-        litellm_params={"mock_response": "Once upon a time."},
+        model="openai/fake-model",
+        litellm_params={"api_base": fake_upstream.base("writer")},
     )
     group = model_group_create(group_name="writer", members=[(mock, 0)])
     team.model_groups.set([group])
@@ -27,7 +28,7 @@ def _generate(client, key, body):
     )
 
 
-def test_generate_answers_with_model_output_and_cached(client, key):
+def test_generate_answers_with_model_output_and_cached(client, key, fake_upstream):
     response = _generate(
         client,
         key,
@@ -53,6 +54,14 @@ def test_generate_answers_with_model_output_and_cached(client, key):
         "chat",
         "success",
         response["x-request-id"],
+    )
+    # The parameters reached the provider under their OpenAI names.
+    sent = fake_upstream.requests[-1].json
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["stop"]) == (
+        50,
+        0.7,
+        0.9,
+        ["\n\n"],
     )
 
 

@@ -15,12 +15,14 @@ MESSAGES = [{"role": "user", "content": "Extract the skills from this resume."}]
 
 
 @pytest.fixture
-def world(db):
-    """Two teams of two organizations, each with a key; a mock deployment."""
+def world(db, fake_upstream):
+    """Two teams of two organizations, each with a key; a deployment on the
+    fake upstream."""
+    fake_upstream.program("resume", content="Python, SQL")
     mock = deployment_create(
-        name="mock",
-        model="openai/mock",
-        litellm_params={"mock_response": "Python, SQL"},
+        name="resume-llm",
+        model="openai/fake-model",
+        litellm_params={"api_base": fake_upstream.base("resume")},
     )
     group = model_group_create(group_name="ResumeAgent", members=[(mock, 0)])
     keys = {}
