@@ -15,6 +15,7 @@ import pytest
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.core.management import call_command
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -94,7 +95,18 @@ def submit(driver: WebDriver, button: WebElement) -> None:
     """Clicks a submit button and waits until the next page has loaded."""
     page = driver.find_element(By.TAG_NAME, "html")
     button.click()
-    wait(driver).until(ec.staleness_of(page))
+
+    def old_page_gone(_: WebDriver) -> bool:
+        # Chromium sometimes reports a detached node as a generic inspector
+        # error ("Node ... does not belong to the document") rather than as
+        # a stale element; both mean the old page is gone.
+        try:
+            page.is_enabled()
+        except WebDriverException:  # StaleElementReferenceException included
+            return True
+        return False
+
+    wait(driver).until(old_page_gone)
     wait(driver).until(
         lambda d: d.execute_script("return document.readyState") == "complete"
     )
