@@ -53,6 +53,42 @@ def audit_log_record(
     )
 
 
+def changes_apply(
+    instance: Any,
+    changes: dict[str, Any],
+    *,
+    action: str,
+    resource_type: str,
+    resource_id: str,
+    actor: User | None,
+    actor_label: str,
+) -> dict[str, Any]:
+    """Set the fields that really change, validate, save and audit them.
+
+    Returns {field: [before, after]}; nothing is written when nothing changes.
+    Call it inside the caller's transaction.
+    """
+    recorded = {
+        field: [getattr(instance, field), value]
+        for field, value in changes.items()
+        if getattr(instance, field) != value
+    }
+    if recorded:
+        for field, (_, value) in recorded.items():
+            setattr(instance, field, value)
+        instance.full_clean(validate_unique=False, validate_constraints=False)
+        instance.save()
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action=action,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            details=recorded,
+        )
+    return recorded
+
+
 def user_create(
     *,
     email: str,

@@ -7,7 +7,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 
 from accounts.models import User
-from accounts.services import audit_log_record
+from accounts.services import audit_log_record, changes_apply
 from gateway_project.errors import AlreadyExists, GatewayError
 from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCredential
 from routing.providers import catalog_model
@@ -213,25 +213,17 @@ def model_group_update(
     actor: User | None = None,
     actor_label: str = "",
 ) -> ModelGroup:
-    """Change display_name, description or status."""
-    recorded = {
-        field: [getattr(group, field), value]
-        for field, value in changes.items()
-        if getattr(group, field) != value
-    }
-    if recorded:
-        with transaction.atomic():
-            for field, (_, value) in recorded.items():
-                setattr(group, field, value)
-            group.save()
-            audit_log_record(
-                actor=actor,
-                actor_label=actor_label,
-                action="model_group.update",
-                resource_type="model_group",
-                resource_id=group.group_name,
-                details=recorded,
-            )
+    """Change display_name, description or status; audited."""
+    with transaction.atomic():
+        changes_apply(
+            group,
+            changes,
+            action="model_group.update",
+            resource_type="model_group",
+            resource_id=group.group_name,
+            actor=actor,
+            actor_label=actor_label,
+        )
     return group
 
 

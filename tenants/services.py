@@ -8,7 +8,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import User
-from accounts.services import audit_log_record
+from accounts.services import audit_log_record, changes_apply
 from gateway_project.crypto import derived_secret
 from gateway_project.errors import AlreadyExists, GatewayError
 from tenants.keys import NewKey, key_generate
@@ -325,38 +325,6 @@ def limits_within(
             )
 
 
-def _apply(
-    instance: Any,
-    changes: dict[str, Any],
-    *,
-    action: str,
-    resource_type: str,
-    resource_id: str,
-    actor: User | None,
-    actor_label: str,
-) -> dict[str, Any]:
-    """Set changed fields, save and audit; returns {field: [before, after]}."""
-    recorded = {
-        field: [getattr(instance, field), value]
-        for field, value in changes.items()
-        if getattr(instance, field) != value
-    }
-    if recorded:
-        for field, (_, value) in recorded.items():
-            setattr(instance, field, value)
-        instance.full_clean(validate_unique=False, validate_constraints=False)
-        instance.save()
-        audit_log_record(
-            actor=actor,
-            actor_label=actor_label,
-            action=action,
-            resource_type=resource_type,
-            resource_id=resource_id,
-            details=recorded,
-        )
-    return recorded
-
-
 def organization_update(
     *,
     organization: Organization,
@@ -366,7 +334,7 @@ def organization_update(
 ) -> Organization:
     """Change name, status, metadata, limits or budget; audited."""
     with transaction.atomic():
-        _apply(
+        changes_apply(
             organization,
             changes,
             action="organization.update",
@@ -424,7 +392,7 @@ def team_update(
     (suspend / resume). Limits must stay within the organization's."""
     limits_within(child=changes, parent=team.organization, parent_name="organization")
     with transaction.atomic():
-        _apply(
+        changes_apply(
             team,
             changes,
             action="team.update",
