@@ -20,6 +20,7 @@ from django.test import Client
 
 from accounts.models import Role, User
 from billing.services import credit_account_open, credits_allocate
+from billing.tests.prices import price
 from gateway_project.money import MICROS
 from routing.models import Deployment, ModelGroup
 from routing.services import deployment_create, model_group_create
@@ -64,6 +65,7 @@ def owner_client(owner: User) -> Client:
 
 @pytest.fixture
 def deployment(db: None) -> Deployment:
+    price("openai/mock-a")
     return deployment_create(
         name="mock-a", model="openai/mock-a", litellm_params={"mock_response": "hi"}
     )

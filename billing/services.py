@@ -1,6 +1,7 @@
 """Writes of the billing app: credit accounts and ledger movements."""
 
 from collections.abc import Iterable
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from django.db import transaction
@@ -19,7 +20,8 @@ from billing.models import (
     UsageStatus,
 )
 from gateway_project.errors import GatewayError
-from tenants.models import Organization, Team, VirtualKey
+from gateway_project.money import MICROS, from_micros
+from tenants.models import BudgetMode, Organization, Team, VirtualKey
 from tenants.services import limits_within, team_create, virtual_key_issue
 
 
@@ -262,3 +264,173 @@ def job_complete(
             job.metadata = {**job.metadata, **metadata}
         job.save(update_fields=["status", "completed_at", "error_message", "metadata"])
     return job
+
+
+# --- holds and settlement on the request path -----------------------------------------
+
+
+class InsufficientCredits(GatewayError):
+    http_status = 402
+    code = "insufficient_credits"
+
+
+def credits_for_call(*, team: Team, cost_micros: int, tokens: int) -> int:
+    """Micro-credits a call costs in the team's budget mode (one rounding,
+    half up). job_based teams pay per job, not per call: 0 here."""
+    if team.budget_mode == BudgetMode.CONSUMPTION_USD:
+        credits = Decimal(cost_micros) * team.credits_per_dollar
+    elif team.budget_mode == BudgetMode.CONSUMPTION_TOKENS:
+        credits = Decimal(tokens) * MICROS / team.tokens_per_credit
+    else:
+        return 0
+    return int(credits.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _entry(
+    account: CreditAccount,
+    *,
+    entry_type: str,
+    amount: int,
+    held_delta: int,
+    key: str,
+    request_id: str = "",
+    job: Job | None = None,
+    reason: str = "",
+) -> LedgerEntry:
+    """Append one movement to a locked account and apply it with F()."""
+    entry = LedgerEntry.objects.create(
+        account=account,
+        entry_type=entry_type,
+        amount_micros=amount,
+        held_delta_micros=held_delta,
+        balance_before_micros=account.balance_micros,
+        balance_after_micros=account.balance_micros + amount,
+        idempotency_key=key,
+        request_id=request_id,
+        job=job,
+        reason=reason,
+        actor_label="gateway",
+    )
+    # A capture uses what it takes from the hold plus what it takes from the balance.
+    used = -(amount + held_delta) if entry_type == LedgerEntryType.CAPTURE else 0
+    CreditAccount.objects.filter(pk=account.pk).update(
+        balance_micros=F("balance_micros") + amount,
+        held_micros=F("held_micros") + held_delta,
+        used_total_micros=F("used_total_micros") + used,
+    )
+    account.balance_micros += amount
+    account.held_micros += held_delta
+    return entry
+
+
+def _locked_account(team: Team) -> CreditAccount:
+    credit_account_open(team=team)
+    return CreditAccount.objects.select_for_update().get(team=team)
+
+
+def credits_hold(
+    *, team: Team, amount_micros: int, request_id: str, job: Job | None = None
+) -> int:
+    """Reserve credits before a provider call; idempotent by request id.
+
+    Raises InsufficientCredits (402) when the balance plus the overdraft limit
+    does not cover it; nothing is written then. Returns the amount held.
+    """
+    if amount_micros <= 0:
+        return 0
+    with transaction.atomic():
+        account = _locked_account(team)
+        key = f"hold:{request_id}"
+        existing = LedgerEntry.objects.filter(idempotency_key=key).first()
+        if existing is not None:
+            return existing.held_delta_micros
+        available = account.balance_micros + account.overdraft_limit_micros
+        if amount_micros > available:
+            raise InsufficientCredits(
+                f"Not enough credits: this call may cost {from_micros(amount_micros)} "
+                f"credits and {from_micros(max(available, 0))} are available"
+            )
+        _entry(
+            account,
+            entry_type=LedgerEntryType.HOLD,
+            amount=-amount_micros,
+            held_delta=amount_micros,
+            key=key,
+            request_id=request_id,
+            job=job,
+        )
+    return amount_micros
+
+
+def _settle(
+    account: CreditAccount, *, request_id: str, charge_micros: int, job: Job | None
+) -> int:
+    """Capture ``charge_micros`` of a request's hold and release the rest.
+
+    Returns what was captured. A charge above the hold (a provider that
+    overran) is taken from the balance down to the overdraft floor, never
+    below; the shortfall is reported in the capture's reason.
+    """
+    if LedgerEntry.objects.filter(idempotency_key=f"capture:{request_id}").exists() or (
+        LedgerEntry.objects.filter(idempotency_key=f"release:{request_id}").exists()
+    ):
+        return 0  # already settled
+    hold = LedgerEntry.objects.filter(idempotency_key=f"hold:{request_id}").first()
+    held = hold.held_delta_micros if hold else 0
+    captured = min(charge_micros, held)
+    extra = charge_micros - captured
+    if extra > 0:
+        floor = -account.overdraft_limit_micros
+        extra = max(0, min(extra, account.balance_micros - floor))
+    reason = ""
+    if captured + extra < charge_micros:
+        reason = f"uncollected {charge_micros - captured - extra} micro-credits (balance exhausted)"
+    if captured or extra:
+        _entry(
+            account,
+            entry_type=LedgerEntryType.CAPTURE,
+            amount=-extra,
+            held_delta=-captured,
+            key=f"capture:{request_id}",
+            request_id=request_id,
+            job=job,
+            reason=reason,
+        )
+    if held - captured > 0:
+        _entry(
+            account,
+            entry_type=LedgerEntryType.RELEASE,
+            amount=held - captured,
+            held_delta=-(held - captured),
+            key=f"release:{request_id}",
+            request_id=request_id,
+            job=job,
+        )
+    return captured + extra
+
+
+def call_settle(
+    *, team: Team, request_id: str, charge_micros: int, **usage: Any
+) -> UsageRecord:
+    """The end of a call, in one short transaction: its usage record, the
+    capture of what it cost and the release of the rest of its hold.
+    Idempotent by request id: a second settlement changes nothing."""
+    with transaction.atomic():
+        account = _locked_account(team)
+        existing = UsageRecord.objects.filter(request_id=request_id).first()
+        if existing is not None:
+            return existing
+        charged = _settle(
+            account,
+            request_id=request_id,
+            charge_micros=charge_micros,
+            job=usage.get("job"),
+        )
+        record = usage_record_create(
+            request_id=request_id, credits_micros=charged, **usage
+        )
+        if record.job_id is not None and charged:
+            Job.objects.filter(pk=record.job_id).update(
+                credits_charged_micros=F("credits_charged_micros") + charged
+            )
+    return record

@@ -120,3 +120,21 @@ def _redact(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return parts._replace(netloc=netloc).geturl()
     return url
+
+
+def env_price_pair(name: str) -> tuple[int, int] | None:
+    """'input,output' in USD per million tokens → micro-USD per million, or None."""
+    from decimal import Decimal, InvalidOperation
+
+    value = env_str(name)
+    if not value:
+        return None
+    try:
+        parts = [Decimal(part.strip()) for part in value.split(",")]
+    except InvalidOperation:
+        parts = []
+    if len(parts) != 2 or any(part < 0 for part in parts):
+        raise ImproperlyConfigured(
+            f"{name} must be 'input,output' USD per million tokens (e.g. 1.50,6.00), got {value!r}"
+        )
+    return int(parts[0] * 1_000_000), int(parts[1] * 1_000_000)

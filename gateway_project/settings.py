@@ -18,6 +18,7 @@ from gateway_project.env import (
     env_database,
     env_int,
     env_list,
+    env_price_pair,
     env_redis_url,
     env_str,
 )
@@ -194,6 +195,12 @@ GATEWAY_FAILURE_WINDOW_SECONDS = env_int(
     "GATEWAY_FAILURE_WINDOW_SECONDS", 60, minimum=1
 )
 GATEWAY_COOLDOWN_SECONDS = env_int("GATEWAY_COOLDOWN_SECONDS", 30, minimum=1)
+# Money on the request path. A call without max_tokens holds (and is capped
+# at) this many completion tokens. A model with no price in the price book nor
+# in litellm's map is not routed to, unless a fallback price is set here
+# ("input,output" USD per million tokens).
+GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096, minimum=1)
+GATEWAY_FALLBACK_PRICE = env_price_pair("GATEWAY_FALLBACK_PRICE_PER_MILLION")
 # Login throttling (accounts/throttle.py): failures allowed per window.
 LOGIN_FAILURES_PER_EMAIL = env_int("LOGIN_FAILURES_PER_EMAIL", 5, minimum=1)
 LOGIN_FAILURES_PER_IP = env_int("LOGIN_FAILURES_PER_IP", 20, minimum=1)

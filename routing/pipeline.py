@@ -31,8 +31,14 @@ from django.utils import timezone
 
 from billing.models import Job, JobStatus, UsageSource, UsageStatus
 from billing.selectors import model_price_at
-from billing.services import usage_cost_micros, usage_record_create
+from billing.services import (
+    call_settle,
+    credits_for_call,
+    credits_hold,
+    usage_cost_micros,
+)
 from gateway_project.errors import GatewayError, NotFound
+from gateway_project.money import MICROS
 from routing import providers
 from routing.models import DeploymentStatus, ModelGroup, ModelGroupStatus
 from routing.providers import ProviderError, Target
@@ -41,7 +47,7 @@ from tenants.authentication import (
     virtual_key_authenticate,
     virtual_key_touch,
 )
-from tenants.models import VirtualKey
+from tenants.models import BudgetMode, VirtualKey
 
 
 class ModelNotFound(GatewayError):
@@ -66,6 +72,8 @@ class Call:
     cooled: set[int]
     body: dict[str, Any]
     job: Job | None
+    prices: dict[int, tuple[int, int]] = field(default_factory=dict)
+    held_micros: int = 0
     started: float = field(default_factory=time.monotonic)
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -159,6 +167,12 @@ def _prepare(
     cooling = cache.get_many(
         [_cooldown_key(target.deployment_id) for target in targets]
     )
+    now = timezone.now()
+    prices = {
+        t.deployment_id: price
+        for t in targets
+        if (price := _price(t.model, now)) is not None
+    }
     cooled = {
         t.deployment_id for t in targets if cooling.get(_cooldown_key(t.deployment_id))
     }
@@ -171,6 +185,7 @@ def _prepare(
         cooled=cooled,
         body=body,
         job=job,
+        prices=prices,
     )
 
 
@@ -220,17 +235,20 @@ def _record_failure(deployment_id: int, error: ProviderError) -> None:
 
 
 def _candidates(call: Call) -> list[Target]:
-    usable = [
-        t for t in call.targets if t.available and t.deployment_id not in call.cooled
-    ]
+    """The targets to try, in order; the others are noted as skipped."""
+    usable = []
     for target in call.targets:
-        if target not in usable:
-            reason = (
-                "cooldown" if target.deployment_id in call.cooled else "no_credential"
-            )
-            call.attempts.append(
-                {"deployment": target.deployment_name, "skipped": reason}
-            )
+        if target.deployment_id in call.cooled:
+            reason = "cooldown"
+        elif not target.available:
+            reason = "no_credential"
+        elif target.deployment_id not in call.prices:
+            # Never silently free: a model without a known price is not routed to.
+            reason = "no_price"
+        else:
+            usable.append(target)
+            continue
+        call.attempts.append({"deployment": target.deployment_name, "skipped": reason})
     return usable
 
 
@@ -287,8 +305,9 @@ def _attempt(
 # --- step 7: settle -------------------------------------------------------------------
 
 
-def _price(model: str, at: datetime) -> tuple[int, int]:
-    """Micro-USD per million tokens: the operator's price, else litellm's."""
+def _price(model: str, at: datetime) -> tuple[int, int] | None:
+    """Micro-USD per million tokens: the operator's price in force, else
+    litellm's map, else the operator's fallback price, else None (unknown)."""
     price = model_price_at(model=model, at=at)
     if price is not None:
         return (
@@ -298,16 +317,68 @@ def _price(model: str, at: datetime) -> tuple[int, int]:
     known = providers.catalog_model(model) or providers.catalog_model(
         model.split("/", 1)[-1]
     )
-    if known is None:
-        return 0, 0  # unknown price: the next issue decides refuse or fallback price
-    per_million = Decimal(1_000_000_000_000)
-    return tuple(  # type: ignore[return-value]
-        int(
-            ((cost or Decimal(0)) * per_million).quantize(
-                Decimal(1), rounding=ROUND_HALF_UP
-            )
+    if known is not None and known.input_cost_per_token is not None:
+        per_million = Decimal(1_000_000_000_000)
+        return (
+            int(
+                (known.input_cost_per_token * per_million).quantize(
+                    Decimal(1), rounding=ROUND_HALF_UP
+                )
+            ),
+            int(
+                ((known.output_cost_per_token or Decimal(0)) * per_million).quantize(
+                    Decimal(1), rounding=ROUND_HALF_UP
+                )
+            ),
         )
-        for cost in (known.input_cost_per_token, known.output_cost_per_token)
+    fallback: tuple[int, int] | None = settings.GATEWAY_FALLBACK_PRICE
+    return fallback
+
+
+def _charge(call: Call, *, cost_micros: int, tokens: int, succeeded: bool) -> int:
+    """What a call costs the team, in micro-credits. A job_based team pays one
+    credit per job, and a call outside any job counts as a job of its own."""
+    team = call.key.team
+    if not succeeded:
+        return 0
+    if team.budget_mode == BudgetMode.JOB_BASED:
+        return 0 if call.job else MICROS
+    return credits_for_call(team=team, cost_micros=cost_micros, tokens=tokens)
+
+
+def _hold(call: Call) -> None:
+    """Step 4: reserve the most the call can cost before any provider is called.
+
+    The estimate is the prompt counted plus ``max_tokens`` (set to the
+    configured cap when the caller gave none, and then sent upstream so that
+    the completion cannot outgrow the hold), at the dearest candidate's price.
+    Raises InsufficientCredits (402); nothing is written then.
+    """
+    candidates = [t for t in call.targets if t.deployment_id in call.prices]
+    if not candidates:
+        return  # routing will answer 503; nothing to hold
+    completion = 0
+    if call.endpoint != "embedding":
+        given = call.body.get("max_tokens") or call.body.get("max_completion_tokens")
+        if not isinstance(given, int) or given <= 0:
+            given = settings.GATEWAY_DEFAULT_MAX_TOKENS
+            call.body["max_tokens"] = given
+        completion = given
+    prompt, _ = providers.estimate_tokens(candidates[0], call.body, "")
+    dearest = max(call.prices[t.deployment_id] for t in candidates)
+    cost = usage_cost_micros(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        input_price=dearest[0],
+        output_price=dearest[1],
+        markup_bps=call.key.team.price_markup_bps,
+    )
+    amount = _charge(call, cost_micros=cost, tokens=prompt + completion, succeeded=True)
+    call.held_micros = credits_hold(
+        team=call.key.team,
+        amount_micros=amount,
+        request_id=call.request_id,
+        job=call.job,
     )
 
 
@@ -322,9 +393,12 @@ def _record(
     error: GatewayError | None = None,
     streamed: bool = False,
 ) -> None:
-    now = timezone.now()
-    input_price, output_price = _price(target.model, now) if target else (0, 0)
+    """Step 7: the usage record, the capture and the release, at once."""
+    input_price, output_price = (
+        call.prices.get(target.deployment_id, (0, 0)) if target else (0, 0)
+    )
     markup = call.key.team.price_markup_bps
+    succeeded = status in (UsageStatus.SUCCESS, UsageStatus.CLIENT_DISCONNECTED)
     cost = (
         usage_cost_micros(
             prompt_tokens=prompt_tokens,
@@ -333,12 +407,19 @@ def _record(
             output_price=output_price,
             markup_bps=markup,
         )
-        if status == UsageStatus.SUCCESS or status == UsageStatus.CLIENT_DISCONNECTED
+        if succeeded
         else 0
     )
     metadata = call.body.get("metadata")
-    usage_record_create(
+    call_settle(
+        team=call.key.team,
         request_id=call.request_id,
+        charge_micros=_charge(
+            call,
+            cost_micros=cost,
+            tokens=prompt_tokens + completion_tokens,
+            succeeded=succeeded,
+        ),
         organization_id=call.key.team.organization_id,
         team_id=call.key.team_id,
         virtual_key=call.key,
@@ -363,9 +444,9 @@ def _record(
         streamed=streamed,
         fallbacks_tried=call.attempts,
         metadata=metadata if isinstance(metadata, dict) else {},
-        created_at=now,
+        created_at=timezone.now(),
     )
-    if status != UsageStatus.ERROR:
+    if succeeded:
         virtual_key_touch(key=call.key)
 
 
@@ -387,8 +468,14 @@ def _headers(
 async def prepare(
     request: HttpRequest, endpoint: str, body: dict[str, Any], job_id: str | None = None
 ) -> Call:
-    """Steps 1-2 (and, with the next issue, 3-5) for a parsed body."""
-    return await sync_to_async(_prepare)(request, endpoint, body, job_id)
+    """Steps 1, 2 and 4 for a parsed body (3 and 5, limits and cache, to come)."""
+
+    def prepared() -> Call:
+        call = _prepare(request, endpoint, body, job_id)
+        _hold(call)
+        return call
+
+    return await sync_to_async(prepared)()
 
 
 async def complete(call: Call) -> tuple[Target, providers.Completion]:

@@ -11,6 +11,7 @@ import pytest
 
 from billing.models import UsageRecord
 from billing.services import team_open
+from billing.tests.prices import price
 from gateway_project.money import MICROS
 from routing.models import Deployment
 from routing.services import model_group_create, provider_credential_create
@@ -22,6 +23,7 @@ MESSAGES = [{"role": "user", "content": "Say hello"}]
 def _deployment(
     fake, name: str, scenario: str, *, timeout_ms: int = 5_000, credential=None
 ) -> Deployment:
+    price("openai/fake-model")
     return Deployment.objects.create(
         name=name,
         model="openai/fake-model",

@@ -3,6 +3,7 @@
 import pytest
 
 from billing.models import UsageRecord
+from billing.tests.prices import price
 from routing.services import deployment_create, model_group_create
 from tenants.services import virtual_key_issue
 
@@ -12,6 +13,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def key(team, fake_upstream) -> str:
     fake_upstream.program("writer", content="Once upon a time.")
+    price("openai/fake-model")
     mock = deployment_create(
         name="writer",
         model="openai/fake-model",

@@ -6,6 +6,7 @@ from django.test import Client
 
 from billing.models import Job, UsageRecord
 from billing.services import team_open
+from billing.tests.prices import price
 from gateway_project.money import MICROS
 from routing.services import deployment_create, model_group_create
 from tenants.services import organization_create
@@ -19,6 +20,7 @@ def world(db, fake_upstream):
     """Two teams of two organizations, each with a key; a deployment on the
     fake upstream."""
     fake_upstream.program("resume", content="Python, SQL")
+    price("openai/fake-model")
     mock = deployment_create(
         name="resume-llm",
         model="openai/fake-model",

@@ -1,12 +1,14 @@
 """A demo tenant that answers without any provider account (idempotent)."""
 
 import os
+from datetime import UTC, datetime
 from typing import Any
 
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
+from billing.models import ModelPrice, PriceSource
 from billing.services import credit_account_open, credits_allocate
 from gateway_project.crypto import derived_secret
 from gateway_project.money import MICROS
@@ -23,6 +25,7 @@ DEMO_DEPLOYMENT = "demo-mock"
 DEMO_CREDITS = 1000
 ACTOR = "seed_demo"
 DEMO_OWNER_EMAIL = "owner@example.com"
+DEMO_PRICE_SINCE = datetime(2020, 1, 1, tzinfo=UTC)
 
 
 class Command(BaseCommand):
@@ -63,6 +66,18 @@ class Command(BaseCommand):
                 },
                 actor_label=ACTOR,
             )
+        # An explicit operator price: the demo model is in no price map, and
+        # an unpriced model is never routed to.
+        ModelPrice.objects.get_or_create(
+            model=deployment.model,
+            effective_from=DEMO_PRICE_SINCE,
+            defaults={
+                "input_price_per_million_micros": 500_000,  # $0.50 per 1M tokens
+                "output_price_per_million_micros": 1_500_000,  # $1.50 per 1M tokens
+                "source": PriceSource.OPERATOR,
+                "note": "demo",
+            },
+        )
         group = ModelGroup.objects.filter(group_name=DEMO_GROUP).first()
         if group is None:
             group = model_group_create(
