@@ -96,12 +96,12 @@ class RunningServer:
     url: str
     admin_key: str
     log: Path
+    process: subprocess.Popen[bytes]
 
 
-@pytest.fixture
-def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningServer]:
-    """The production stack — gunicorn with a uvicorn worker, ASGI — serving
-    the test database over real HTTP on a free loopback port."""
+def _start_server(tmp_path: Path, name: str) -> RunningServer:
+    """gunicorn with one uvicorn worker (ASGI) on a free port, serving the
+    test database; returns once /healthz answers."""
     database = connection.settings_dict
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,9 +115,9 @@ def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningSe
         "SECRET_KEY": settings.SECRET_KEY,
         "GATEWAY_ADMIN_KEY": "running-server-admin-key",
     }
-    log = tmp_path / "server.log"
+    log = tmp_path / f"{name}.log"
     with log.open("w") as output:
-        server = subprocess.Popen(
+        process = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("gunicorn")),
                 "gateway_project.asgi:application",
@@ -143,17 +143,43 @@ def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningSe
                 break
         except httpx.HTTPError:
             pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
             raise RuntimeError(f"server did not start:\n{log.read_text()}")
         time.sleep(0.1)
-    yield RunningServer(url=url, admin_key=env["GATEWAY_ADMIN_KEY"], log=log)
-    server.terminate()
+    return RunningServer(
+        url=url, admin_key=env["GATEWAY_ADMIN_KEY"], log=log, process=process
+    )
+
+
+def _stop_server(server: RunningServer) -> None:
+    server.process.terminate()
     try:
-        server.wait(timeout=10)
+        server.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        server.kill()
+        server.process.kill()
+        server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningServer]:
+    """The production stack serving the test database over real HTTP."""
+    server = _start_server(tmp_path, "server")
+    yield server
+    _stop_server(server)
     # The server's connections must be gone before the test database is flushed.
+    connection.close()
+
+
+@pytest.fixture
+def two_servers(
+    transactional_db: None, tmp_path: Path
+) -> Iterator[list[RunningServer]]:
+    """Two gateway processes sharing the test database and Redis."""
+    servers = [_start_server(tmp_path, f"server-{n}") for n in (1, 2)]
+    yield servers
+    for server in servers:
+        _stop_server(server)
     connection.close()
 
 

@@ -229,14 +229,21 @@ def job_create(
     metadata: dict[str, Any] | None = None,
     key: VirtualKey | None = None,
 ) -> Job:
-    """Open a job for a team (seed 000)."""
-    return Job.objects.create(
-        team=team,
-        virtual_key=key,
-        job_type=job_type,
-        user_id=user_id,
-        metadata=metadata or {},
-    )
+    """Open a job for a team (seed 000). A job_based team holds its one credit
+    now: InsufficientCredits (402) and nothing written when it has none."""
+    with transaction.atomic():
+        job = Job.objects.create(
+            team=team,
+            virtual_key=key,
+            job_type=job_type,
+            user_id=user_id,
+            metadata=metadata or {},
+        )
+        if team.budget_mode == BudgetMode.JOB_BASED:
+            credits_hold(
+                team=team, amount_micros=MICROS, request_id=f"job:{job.job_id}", job=job
+            )
+    return job
 
 
 def job_complete(
@@ -246,12 +253,11 @@ def job_complete(
     metadata: dict[str, Any] | None = None,
     error_message: str = "",
 ) -> Job:
-    """Close a job as completed or failed. Raises GatewayError if it is closed.
-
-    Charging job_based teams 1 credit per completed job comes with the money
-    issue, here.
-    """
+    """Close a job as completed or failed. A job_based team's held credit is
+    captured for a completed job and released for a failed one. Raises
+    GatewayError (409) if the job is already closed."""
     with transaction.atomic():
+        account = _locked_account(job.team)
         job = Job.objects.select_for_update().get(pk=job.pk)
         if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
             raise GatewayError(
@@ -262,7 +268,24 @@ def job_complete(
         job.error_message = error_message
         if metadata:
             job.metadata = {**job.metadata, **metadata}
-        job.save(update_fields=["status", "completed_at", "error_message", "metadata"])
+        charge = (
+            MICROS
+            if status == JobStatus.COMPLETED
+            and job.team.budget_mode == BudgetMode.JOB_BASED
+            else 0
+        )
+        job.credits_charged_micros += _settle(
+            account, request_id=f"job:{job.job_id}", charge_micros=charge, job=job
+        )
+        job.save(
+            update_fields=[
+                "status",
+                "completed_at",
+                "error_message",
+                "metadata",
+                "credits_charged_micros",
+            ]
+        )
     return job
 
 
