@@ -201,6 +201,9 @@ GATEWAY_COOLDOWN_SECONDS = env_int("GATEWAY_COOLDOWN_SECONDS", 30, minimum=1)
 # ("input,output" USD per million tokens).
 GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096, minimum=1)
 GATEWAY_FALLBACK_PRICE = env_price_pair("GATEWAY_FALLBACK_PRICE_PER_MILLION")
+# Rate limits live in Redis; when it cannot be reached, admit (fail-open) or
+# refuse with 503 (fail-closed). /readyz reports Redis either way.
+GATEWAY_RATE_LIMIT_FAIL_OPEN = env_bool("GATEWAY_RATE_LIMIT_FAIL_OPEN", True)
 # Login throttling (accounts/throttle.py): failures allowed per window.
 LOGIN_FAILURES_PER_EMAIL = env_int("LOGIN_FAILURES_PER_EMAIL", 5, minimum=1)
 LOGIN_FAILURES_PER_IP = env_int("LOGIN_FAILURES_PER_IP", 20, minimum=1)

@@ -39,7 +39,7 @@ from billing.services import (
 )
 from gateway_project.errors import GatewayError, NotFound
 from gateway_project.money import MICROS
-from routing import providers
+from routing import limits, providers
 from routing.models import DeploymentStatus, ModelGroup, ModelGroupStatus
 from routing.providers import ProviderError, Target
 from tenants.authentication import (
@@ -74,6 +74,7 @@ class Call:
     job: Job | None
     prices: dict[int, tuple[int, int]] = field(default_factory=dict)
     held_micros: int = 0
+    admission: limits.Admission | None = None
     started: float = field(default_factory=time.monotonic)
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -346,17 +347,10 @@ def _charge(call: Call, *, cost_micros: int, tokens: int, succeeded: bool) -> in
     return credits_for_call(team=team, cost_micros=cost_micros, tokens=tokens)
 
 
-def _hold(call: Call) -> None:
-    """Step 4: reserve the most the call can cost before any provider is called.
-
-    The estimate is the prompt counted plus ``max_tokens`` (set to the
-    configured cap when the caller gave none, and then sent upstream so that
-    the completion cannot outgrow the hold), at the dearest candidate's price.
-    Raises InsufficientCredits (402); nothing is written then.
-    """
-    candidates = [t for t in call.targets if t.deployment_id in call.prices]
-    if not candidates:
-        return  # routing will answer 503; nothing to hold
+def _estimate(call: Call) -> tuple[int, int]:
+    """(prompt, completion) tokens a call may use: the prompt counted, plus
+    ``max_tokens`` — set to the configured cap when the caller gave none, and
+    then sent upstream, so that the completion cannot outgrow the estimate."""
     completion = 0
     if call.endpoint != "embedding":
         given = call.body.get("max_tokens") or call.body.get("max_completion_tokens")
@@ -364,7 +358,49 @@ def _hold(call: Call) -> None:
             given = settings.GATEWAY_DEFAULT_MAX_TOKENS
             call.body["max_tokens"] = given
         completion = given
-    prompt, _ = providers.estimate_tokens(candidates[0], call.body, "")
+    target = next((t for t in call.targets if t.deployment_id in call.prices), None)
+    if target is None:
+        return 0, completion
+    prompt, _ = providers.estimate_tokens(target, call.body, "")
+    return prompt, completion
+
+
+def _admit(call: Call) -> None:
+    """Step 3: RPM, TPM and concurrency of the key, its team and its
+    organization, in one round trip. Raises RateLimited (429)."""
+    key, team = call.key, call.key.team
+    organization = team.organization
+    prompt, completion = _estimate(call)
+    call.admission = limits.acquire(
+        [
+            limits.Scope(
+                f"key:{key.pk}", key.rpm_limit, key.tpm_limit, key.max_parallel_requests
+            ),
+            limits.Scope(
+                f"team:{team.pk}",
+                team.rpm_limit,
+                team.tpm_limit,
+                team.max_parallel_requests,
+            ),
+            limits.Scope(
+                f"organization:{organization.pk}",
+                organization.rpm_limit,
+                organization.tpm_limit,
+                organization.max_parallel_requests,
+            ),
+        ],
+        estimate=prompt + completion,
+    )
+
+
+def _hold(call: Call) -> None:
+    """Step 4: reserve the most the call can cost before any provider is
+    called: the estimate at the dearest candidate's price.
+    Raises InsufficientCredits (402); nothing is written then."""
+    candidates = [t for t in call.targets if t.deployment_id in call.prices]
+    if not candidates:
+        return  # routing will answer 503; nothing to hold
+    prompt, completion = _estimate(call)
     dearest = max(call.prices[t.deployment_id] for t in candidates)
     cost = usage_cost_micros(
         prompt_tokens=prompt,
@@ -393,7 +429,9 @@ def _record(
     error: GatewayError | None = None,
     streamed: bool = False,
 ) -> None:
-    """Step 7: the usage record, the capture and the release, at once."""
+    """Step 7: the usage record, the capture and the release, at once; the
+    rate-limit reservation is corrected to the tokens used."""
+    limits.release(call.admission, actual_tokens=prompt_tokens + completion_tokens)
     input_price, output_price = (
         call.prices.get(target.deployment_id, (0, 0)) if target else (0, 0)
     )
@@ -453,6 +491,9 @@ def _record(
 def _headers(
     response: HttpResponseBase, call: Call, target: Target | None
 ) -> HttpResponseBase:
+    if call.admission is not None:
+        for name, value in call.admission.headers().items():
+            response[name] = value
     response["x-gateway-model-group"] = call.group.group_name
     if target is not None:
         response["x-gateway-deployment"] = target.deployment_name
@@ -472,7 +513,12 @@ async def prepare(
 
     def prepared() -> Call:
         call = _prepare(request, endpoint, body, job_id)
-        _hold(call)
+        _admit(call)
+        try:
+            _hold(call)
+        except GatewayError:
+            limits.release(call.admission, actual_tokens=0)
+            raise
         return call
 
     return await sync_to_async(prepared)()

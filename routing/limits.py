@@ -1,0 +1,259 @@
+"""Rate limits: RPM, TPM and concurrent requests for a key, its team and its
+organization, in one atomic Redis round trip per request.
+
+Windows are fixed minutes, shared by every gateway process through Redis, so
+the counts are exact across processes. TPM reserves the estimate up front and
+is corrected to the actual tokens after the call. Without Redis (the embedded
+default) the same rules run in-process.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from gateway_project.errors import GatewayError
+
+logger = logging.getLogger(__name__)
+
+WINDOW = 60
+# A crashed process cannot release its concurrency slots; they expire.
+CONCURRENCY_TTL = 600
+
+# KEYS: per scope, 3 keys (requests, tokens, concurrent).
+# ARGV: estimate, window ttl, then per scope rpm, tpm, parallel (-1 = none).
+# Returns {0, ...state} when admitted, {1, kind, retry_after} when refused.
+_ACQUIRE = """
+local estimate = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local scopes = #KEYS / 3
+local state = {}
+for i = 0, scopes - 1 do
+  local rpm = tonumber(ARGV[3 + i * 3])
+  local tpm = tonumber(ARGV[4 + i * 3])
+  local parallel = tonumber(ARGV[5 + i * 3])
+  local requests = tonumber(redis.call('GET', KEYS[1 + i * 3]) or '0')
+  local tokens = tonumber(redis.call('GET', KEYS[2 + i * 3]) or '0')
+  local running = tonumber(redis.call('GET', KEYS[3 + i * 3]) or '0')
+  if rpm >= 0 and requests + 1 > rpm then return {1, 'requests', ttl} end
+  if tpm >= 0 and tokens + estimate > tpm then return {1, 'tokens', ttl} end
+  if parallel >= 0 and running + 1 > parallel then return {1, 'parallel', 1} end
+  table.insert(state, requests)
+  table.insert(state, tokens)
+end
+for i = 0, scopes - 1 do
+  redis.call('INCR', KEYS[1 + i * 3])
+  redis.call('EXPIRE', KEYS[1 + i * 3], ttl + 1)
+  redis.call('INCRBY', KEYS[2 + i * 3], estimate)
+  redis.call('EXPIRE', KEYS[2 + i * 3], ttl + 1)
+  redis.call('INCR', KEYS[3 + i * 3])
+  redis.call('EXPIRE', KEYS[3 + i * 3], CONCURRENCY_TTL)
+end
+local result = {0}
+for _, value in ipairs(state) do table.insert(result, value) end
+return result
+""".replace("CONCURRENCY_TTL", str(CONCURRENCY_TTL))
+
+
+class RateLimited(GatewayError):
+    http_status = 429
+    code = "rate_limit_exceeded"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One limited entity: ``name`` like key:12, team:3, organization:1."""
+
+    name: str
+    rpm: int | None
+    tpm: int | None
+    parallel: int | None
+
+
+@dataclass
+class Admission:
+    """What was reserved, to be corrected and released after the call."""
+
+    scopes: list[Scope]
+    window: int
+    estimate: int
+    reset_seconds: int
+    requests_used: list[int] = field(default_factory=list)
+    tokens_used: list[int] = field(default_factory=list)
+    released: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """x-ratelimit-* of the most constraining limits (none when unlimited)."""
+        headers: dict[str, str] = {}
+        for kind in ("requests", "tokens"):
+            tightest: tuple[int, int] | None = None  # (remaining, limit)
+            for i, scope in enumerate(self.scopes):
+                limit = scope.rpm if kind == "requests" else scope.tpm
+                if limit is None or i >= len(self.requests_used):
+                    continue
+                used = (
+                    self.requests_used[i] + 1
+                    if kind == "requests"
+                    else self.tokens_used[i] + self.estimate
+                )
+                if tightest is None or limit - used < tightest[0]:
+                    tightest = (limit - used, limit)
+            if tightest is not None:
+                headers[f"x-ratelimit-limit-{kind}"] = str(tightest[1])
+                headers[f"x-ratelimit-remaining-{kind}"] = str(max(tightest[0], 0))
+                headers[f"x-ratelimit-reset-{kind}"] = f"{self.reset_seconds}s"
+        return headers
+
+
+def _keys(scope: Scope, window: int) -> list[str]:
+    return [
+        f"rl:{scope.name}:req:{window}",
+        f"rl:{scope.name}:tok:{window}",
+        f"rl:{scope.name}:par",
+    ]
+
+
+def _limited(scopes: list[Scope]) -> list[Scope]:
+    return [
+        s
+        for s in scopes
+        if s.rpm is not None or s.tpm is not None or s.parallel is not None
+    ]
+
+
+def acquire(
+    scopes: list[Scope], *, estimate: int, now: float | None = None
+) -> Admission | None:
+    """Admit a request against every scope at once, or raise RateLimited (429,
+    Retry-After). None when no scope has a limit. When Redis cannot be reached,
+    GATEWAY_RATE_LIMIT_FAIL_OPEN decides: admit, or refuse with 503."""
+    limited = _limited(scopes)
+    if not limited:
+        return None
+    now = time.time() if now is None else now
+    window = int(now // WINDOW)
+    reset = WINDOW - int(now % WINDOW)
+    argv: list[int] = [estimate, reset]
+    keys: list[str] = []
+    for scope in limited:
+        keys += _keys(scope, window)
+        argv += [
+            -1 if limit is None else limit
+            for limit in (scope.rpm, scope.tpm, scope.parallel)
+        ]
+    try:
+        result = _backend().acquire(keys, argv)
+    except GatewayError:
+        raise
+    except Exception as error:  # Redis down
+        if settings.GATEWAY_RATE_LIMIT_FAIL_OPEN:
+            logger.warning("rate limiter unavailable, admitting (fail-open): %s", error)
+            return None
+        raise GatewayError(
+            "Rate limiter unavailable", code="rate_limiter_unavailable", http_status=503
+        ) from None
+    if int(result[0]) == 1:
+        kind, retry_after = (
+            str(result[1], "utf-8") if isinstance(result[1], bytes) else str(result[1]),
+            int(result[2]),
+        )
+        raise RateLimited(
+            f"Rate limit exceeded ({kind}); retry in {retry_after}s",
+            headers={"Retry-After": str(retry_after)},
+        )
+    values = [int(value) for value in result[1:]]
+    return Admission(
+        scopes=limited,
+        window=window,
+        estimate=estimate,
+        reset_seconds=reset,
+        requests_used=values[0::2],
+        tokens_used=values[1::2],
+    )
+
+
+def release(admission: Admission | None, *, actual_tokens: int) -> None:
+    """After the call: correct the token reservation to what was used and free
+    the concurrency slot. Safe to call twice."""
+    if admission is None or admission.released:
+        return
+    admission.released = True
+    correction = actual_tokens - admission.estimate
+    operations = []
+    for scope in admission.scopes:
+        _, tokens, running = _keys(scope, admission.window)
+        operations.append((tokens, correction))
+        operations.append((running, -1))
+    try:
+        _backend().adjust(operations)
+    except Exception as error:  # Redis down: the keys expire on their own
+        logger.warning("rate limiter release failed: %s", error)
+
+
+# --- backends --------------------------------------------------------------------------
+
+
+class _RedisBackend:
+    def __init__(self) -> None:
+        from django_redis import get_redis_connection
+
+        self.client = get_redis_connection("default")
+        self.script = self.client.register_script(_ACQUIRE)
+
+    def acquire(self, keys: list[str], argv: list[int]) -> list[Any]:
+        return list(self.script(keys=keys, args=argv))
+
+    def adjust(self, operations: list[tuple[str, int]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for key, delta in operations:
+            pipe.incrby(key, delta)
+        pipe.execute()
+
+
+class _MemoryBackend:
+    """The embedded default's single process: the same rules under a lock."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def acquire(self, keys: list[str], argv: list[int]) -> list[Any]:
+        estimate, ttl = argv[0], argv[1]
+        with self.lock:
+            state: list[int] = []
+            for i in range(len(keys) // 3):
+                rpm, tpm, parallel = argv[2 + i * 3 : 5 + i * 3]
+                requests, tokens, running = (
+                    self.values.get(k, 0) for k in keys[i * 3 : i * 3 + 3]
+                )
+                if rpm >= 0 and requests + 1 > rpm:
+                    return [1, "requests", ttl]
+                if tpm >= 0 and tokens + estimate > tpm:
+                    return [1, "tokens", ttl]
+                if parallel >= 0 and running + 1 > parallel:
+                    return [1, "parallel", 1]
+                state += [requests, tokens]
+            for i in range(len(keys) // 3):
+                requests_key, tokens_key, running_key = keys[i * 3 : i * 3 + 3]
+                self.values[requests_key] = self.values.get(requests_key, 0) + 1
+                self.values[tokens_key] = self.values.get(tokens_key, 0) + estimate
+                self.values[running_key] = self.values.get(running_key, 0) + 1
+            return [0, *state]
+
+    def adjust(self, operations: list[tuple[str, int]]) -> None:
+        with self.lock:
+            for key, delta in operations:
+                self.values[key] = self.values.get(key, 0) + delta
+
+
+_backends: dict[str, Any] = {}
+
+
+def _backend() -> Any:
+    kind = "redis" if settings.REDIS_URL else "memory"
+    if kind not in _backends:
+        _backends[kind] = _RedisBackend() if kind == "redis" else _MemoryBackend()
+    return _backends[kind]
