@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from accounts.services import audit_log_record
+from billing.budgets import budgets_settle
 from billing.models import (
     CreditAccount,
     Job,
@@ -433,7 +434,12 @@ def _settle(
 
 
 def call_settle(
-    *, team: Team, request_id: str, charge_micros: int, **usage: Any
+    *,
+    team: Team,
+    request_id: str,
+    charge_micros: int,
+    budget_reserved_micros: int | None = None,
+    **usage: Any,
 ) -> UsageRecord:
     """The end of a call, in one short transaction: its usage record, the
     capture of what it cost and the release of the rest of its hold.
@@ -452,6 +458,13 @@ def call_settle(
         record = usage_record_create(
             request_id=request_id, credits_micros=charged, **usage
         )
+        if budget_reserved_micros is not None and record.virtual_key is not None:
+            budgets_settle(
+                key=record.virtual_key,
+                reserved_micros=budget_reserved_micros,
+                cost_micros=record.cost_micros,
+                succeeded=record.status != UsageStatus.ERROR,
+            )
         if record.job_id is not None and charged:
             Job.objects.filter(pk=record.job_id).update(
                 credits_charged_micros=F("credits_charged_micros") + charged

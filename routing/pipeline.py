@@ -21,6 +21,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
+from django.db import transaction
 from django.http import (
     HttpRequest,
     HttpResponseBase,
@@ -29,6 +30,7 @@ from django.http import (
 )
 from django.utils import timezone
 
+from billing.budgets import budgets_reserve
 from billing.models import Job, JobStatus, UsageSource, UsageStatus
 from billing.selectors import model_price_at
 from billing.services import (
@@ -74,6 +76,7 @@ class Call:
     job: Job | None
     prices: dict[int, tuple[int, int]] = field(default_factory=dict)
     held_micros: int = 0
+    budget_reserved_micros: int | None = None
     admission: limits.Admission | None = None
     started: float = field(default_factory=time.monotonic)
     attempts: list[dict[str, Any]] = field(default_factory=list)
@@ -410,12 +413,16 @@ def _hold(call: Call) -> None:
         markup_bps=call.key.team.price_markup_bps,
     )
     amount = _charge(call, cost_micros=cost, tokens=prompt + completion, succeeded=True)
-    call.held_micros = credits_hold(
-        team=call.key.team,
-        amount_micros=amount,
-        request_id=call.request_id,
-        job=call.job,
-    )
+    # Budgets, quotas and credits together: a 402 from any leaves nothing.
+    with transaction.atomic():
+        if budgets_reserve(key=call.key, cost_micros=cost, now=timezone.now()):
+            call.budget_reserved_micros = cost
+        call.held_micros = credits_hold(
+            team=call.key.team,
+            amount_micros=amount,
+            request_id=call.request_id,
+            job=call.job,
+        )
 
 
 def _record(
@@ -452,6 +459,7 @@ def _record(
     call_settle(
         team=call.key.team,
         request_id=call.request_id,
+        budget_reserved_micros=call.budget_reserved_micros,
         charge_micros=_charge(
             call,
             cost_micros=cost,
