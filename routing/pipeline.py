@@ -41,7 +41,7 @@ from billing.services import (
 )
 from gateway_project.errors import GatewayError, NotFound
 from gateway_project.money import MICROS
-from routing import limits, providers
+from routing import limits, providers, response_cache
 from routing.models import DeploymentStatus, ModelGroup, ModelGroupStatus
 from routing.providers import ProviderError, Target
 from tenants.authentication import (
@@ -49,7 +49,7 @@ from tenants.authentication import (
     virtual_key_authenticate,
     virtual_key_touch,
 )
-from tenants.models import BudgetMode, VirtualKey
+from tenants.models import BudgetMode, CacheHitCharge, VirtualKey
 
 
 class ModelNotFound(GatewayError):
@@ -77,6 +77,8 @@ class Call:
     prices: dict[int, tuple[int, int]] = field(default_factory=dict)
     held_micros: int = 0
     budget_reserved_micros: int | None = None
+    cache_key: str | None = None
+    cached: dict[str, Any] | None = None
     admission: limits.Admission | None = None
     started: float = field(default_factory=time.monotonic)
     attempts: list[dict[str, Any]] = field(default_factory=list)
@@ -339,11 +341,13 @@ def _price(model: str, at: datetime) -> tuple[int, int] | None:
     return fallback
 
 
-def _charge(call: Call, *, cost_micros: int, tokens: int, succeeded: bool) -> int:
+def _charge(
+    call: Call, *, cost_micros: int, tokens: int, succeeded: bool, cached: bool = False
+) -> int:
     """What a call costs the team, in micro-credits. A job_based team pays one
     credit per job, and a call outside any job counts as a job of its own."""
     team = call.key.team
-    if not succeeded:
+    if not succeeded or (cached and team.cache_hit_charge == CacheHitCharge.FREE):
         return 0
     if team.budget_mode == BudgetMode.JOB_BASED:
         return 0 if call.job else MICROS
@@ -435,6 +439,7 @@ def _record(
     usage_source: str = UsageSource.PROVIDER,
     error: GatewayError | None = None,
     streamed: bool = False,
+    cached: bool = False,
 ) -> None:
     """Step 7: the usage record, the capture and the release, at once; the
     rate-limit reservation is corrected to the tokens used."""
@@ -465,6 +470,7 @@ def _record(
             cost_micros=cost,
             tokens=prompt_tokens + completion_tokens,
             succeeded=succeeded,
+            cached=cached,
         ),
         organization_id=call.key.team.organization_id,
         team_id=call.key.team_id,
@@ -488,6 +494,7 @@ def _record(
         error_message=error.message if error else "",
         usage_source=usage_source,
         streamed=streamed,
+        cached=cached,
         fallbacks_tried=call.attempts,
         metadata=metadata if isinstance(metadata, dict) else {},
         created_at=timezone.now(),
@@ -502,6 +509,8 @@ def _headers(
     if call.admission is not None:
         for name, value in call.admission.headers().items():
             response[name] = value
+    if call.cache_key is not None:
+        response["x-cache"] = "hit" if call.cached is not None else "miss"
     response["x-gateway-model-group"] = call.group.group_name
     if target is not None:
         response["x-gateway-deployment"] = target.deployment_name
@@ -527,13 +536,21 @@ async def prepare(
         except GatewayError:
             limits.release(call.admission, actual_tokens=0)
             raise
+        # Step 5: the team's response cache.
+        if response_cache.wanted(request, body, call.key.team):
+            call.cache_key = response_cache.key_for(
+                call.key.team, call.group.group_name, endpoint, body
+            )
+            call.cached = response_cache.lookup(call.cache_key)
         return call
 
     return await sync_to_async(prepared)()
 
 
-async def complete(call: Call) -> tuple[Target, providers.Completion]:
-    """Step 6-7 for a call that is not streamed: the answer, recorded."""
+async def complete(call: Call) -> tuple[Target | None, providers.Completion]:
+    """Steps 5-7 for a call that is not streamed: the answer, recorded."""
+    if call.cached is not None:
+        return None, await _from_cache(call)
     try:
         target, completion = await _attempt_all(call)
     except GatewayError as error:
@@ -553,7 +570,44 @@ async def complete(call: Call) -> tuple[Target, providers.Completion]:
         usage_source=source,
     )
     completion.body["model"] = call.group.group_name
+    if call.cache_key is not None:
+        entry = {
+            "body": completion.body,
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "deployment": target.deployment_id,
+        }
+        await sync_to_async(response_cache.store)(
+            call.cache_key, entry, call.key.team.cache_ttl_seconds
+        )
     return target, completion
+
+
+async def _from_cache(call: Call) -> providers.Completion:
+    """A cache hit: the stored answer, recorded (cached=true) and billed by
+    the team's cache policy at the prices of the deployment that made it."""
+    assert call.cached is not None
+    entry = call.cached
+    target = next(
+        (t for t in call.targets if t.deployment_id == entry.get("deployment")), None
+    )
+    await sync_to_async(_record)(
+        call,
+        target=target,
+        status=UsageStatus.SUCCESS,
+        prompt_tokens=int(entry["prompt_tokens"]),
+        completion_tokens=int(entry["completion_tokens"]),
+        usage_source=UsageSource.CACHE,
+        cached=True,
+    )
+    body = dict(entry["body"])
+    body["model"] = call.group.group_name
+    return providers.Completion(
+        body=body,
+        prompt_tokens=int(entry["prompt_tokens"]),
+        completion_tokens=int(entry["completion_tokens"]),
+        usage_reported=True,
+    )
 
 
 async def handle(
@@ -566,9 +620,64 @@ async def handle(
     body = _json_body(request) if body is None else body
     call = await prepare(request, endpoint, body, job_id)
     if endpoint == "chat" and body.get("stream"):
+        if call.cached is not None:
+            return await _stream_from_cache(call)
         return await _stream(call)
     target, completion = await complete(call)
     return _headers(JsonResponse(completion.body), call, target)
+
+
+async def _stream_from_cache(call: Call) -> HttpResponseBase:
+    """A cache hit for a streaming request, answered as a stream."""
+    completion = await _from_cache(call)
+    choice = (completion.body.get("choices") or [{}])[0]
+    content = str((choice.get("message") or {}).get("content") or "")
+    base = {
+        "id": completion.body.get("id", "chatcmpl-cache"),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": call.group.group_name,
+    }
+    chunks = [
+        {
+            **base,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": content}}
+            ],
+        },
+        {
+            **base,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {},
+                    "finish_reason": choice.get("finish_reason", "stop"),
+                }
+            ],
+        },
+    ]
+    if (call.body.get("stream_options") or {}).get("include_usage"):
+        chunks.append(
+            {
+                **base,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": completion.prompt_tokens,
+                    "completion_tokens": completion.completion_tokens,
+                    "total_tokens": completion.prompt_tokens
+                    + completion.completion_tokens,
+                },
+            }
+        )
+
+    async def events() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    response = StreamingHttpResponse(events(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    return _headers(response, call, None)
 
 
 async def _stream(call: Call) -> HttpResponseBase:
@@ -674,6 +783,37 @@ async def _relay(
         await _settle_stream(
             call, target, usage, usage_estimated, "".join(text), status, error
         )
+        if status == UsageStatus.SUCCESS and call.cache_key is not None and usage:
+            await sync_to_async(response_cache.store)(
+                call.cache_key,
+                _stream_entry(call, target, "".join(text), usage),
+                call.key.team.cache_ttl_seconds,
+            )
+
+
+def _stream_entry(
+    call: Call, target: Target, text: str, usage: dict[str, Any]
+) -> dict[str, Any]:
+    """A streamed answer, stored in the cache as a plain completion."""
+    counts = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
+    return {
+        "body": {
+            "id": f"chatcmpl-{call.request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": call.group.group_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {**counts, "total_tokens": sum(counts.values())},
+        },
+        **counts,
+        "deployment": target.deployment_id,
+    }
 
 
 async def _settle_stream(
@@ -808,7 +948,11 @@ async def generate(request: HttpRequest) -> HttpResponseBase:
     output = str((choice.get("message") or {}).get("content") or "")
     return _headers(
         JsonResponse(
-            {"model": call.group.group_name, "output": output, "cached": False}
+            {
+                "model": call.group.group_name,
+                "output": output,
+                "cached": call.cached is not None,
+            }
         ),
         call,
         target,
