@@ -78,6 +78,7 @@ class Call:
     held_micros: int = 0
     budget_reserved_micros: int | None = None
     cache_key: str | None = None
+    estimated_tokens: int = 0
     cached: dict[str, Any] | None = None
     admission: limits.Admission | None = None
     started: float = field(default_factory=time.monotonic)
@@ -258,6 +259,24 @@ def _candidates(call: Call) -> list[Target]:
     return usable
 
 
+def _deployment_admit(
+    call: Call, target: Target
+) -> tuple[bool, limits.Admission | None]:
+    """A deployment's own RPM/TPM: (False, None) while exhausted — skip it."""
+    if target.rpm_limit is None and target.tpm_limit is None:
+        return True, None
+    scope = limits.Scope(
+        f"deployment:{target.deployment_id}", target.rpm_limit, target.tpm_limit, None
+    )
+    try:
+        return True, limits.acquire([scope], estimate=call.estimated_tokens)
+    except limits.RateLimited:
+        call.attempts.append(
+            {"deployment": target.deployment_name, "skipped": "rate_limited"}
+        )
+        return False, None
+
+
 def _all_failed(call: Call, tried: list[ProviderError]) -> GatewayError:
     if not tried:
         return GatewayError(
@@ -279,10 +298,14 @@ def _all_failed(call: Call, tried: list[ProviderError]) -> GatewayError:
 async def _attempt_all(call: Call) -> tuple[Target, providers.Completion]:
     tried: list[ProviderError] = []
     for target in _candidates(call):
+        admitted, admission = await sync_to_async(_deployment_admit)(call, target)
+        if not admitted:
+            continue
         started = time.monotonic()
         try:
             completion = await providers.call(target, call.endpoint, call.body)
         except ProviderError as error:
+            limits.release(admission, actual_tokens=0)
             call.attempts.append(_attempt(target, started, error))
             if not error.retryable:
                 raise GatewayError(
@@ -292,6 +315,10 @@ async def _attempt_all(call: Call) -> tuple[Target, providers.Completion]:
             await sync_to_async(_record_failure)(target.deployment_id, error)
             continue
         call.attempts.append(_attempt(target, started, None))
+        limits.release(
+            admission,
+            actual_tokens=completion.prompt_tokens + completion.completion_tokens,
+        )
         return target, completion
     raise _all_failed(call, tried)
 
@@ -349,6 +376,10 @@ def _charge(
     team = call.key.team
     if not succeeded or (cached and team.cache_hit_charge == CacheHitCharge.FREE):
         return 0
+    if cached and team.cache_hit_charge == CacheHitCharge.DISCOUNTED:
+        full = _charge(call, cost_micros=cost_micros, tokens=tokens, succeeded=True)
+        # Half up, the one rounding rule.
+        return (2 * full * team.cache_hit_price_bps + 10_000) // 20_000
     if team.budget_mode == BudgetMode.JOB_BASED:
         return 0 if call.job else MICROS
     return credits_for_call(team=team, cost_micros=cost_micros, tokens=tokens)
@@ -369,6 +400,7 @@ def _estimate(call: Call) -> tuple[int, int]:
     if target is None:
         return 0, completion
     prompt, _ = providers.estimate_tokens(target, call.body, "")
+    call.estimated_tokens = prompt + completion
     return prompt, completion
 
 
@@ -685,11 +717,15 @@ async def _stream(call: Call) -> HttpResponseBase:
     relay chunk by chunk. Failures before the first chunk fall back."""
     tried: list[ProviderError] = []
     for target in _candidates(call):
+        admitted, admission = await sync_to_async(_deployment_admit)(call, target)
+        if not admitted:
+            continue
         started = time.monotonic()
         chunks = providers.stream(target, call.body)
         try:
             first = await chunks.__anext__()
         except (ProviderError, StopAsyncIteration) as failure:
+            limits.release(admission, actual_tokens=0)
             error = (
                 failure
                 if isinstance(failure, ProviderError)
@@ -713,6 +749,8 @@ async def _stream(call: Call) -> HttpResponseBase:
             await sync_to_async(_record_failure)(target.deployment_id, error)
             continue
         call.attempts.append(_attempt(target, started, None))
+        # The deployment keeps the estimate reserved: a stream settles later.
+        limits.release(admission, actual_tokens=call.estimated_tokens)
         response = StreamingHttpResponse(
             _relay(call, target, first, chunks), content_type="text/event-stream"
         )

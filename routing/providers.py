@@ -137,6 +137,8 @@ class Target:
     api_base: str
     params: dict[str, Any]
     timeout_seconds: float
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
 
     @property
     def available(self) -> bool:
@@ -170,6 +172,8 @@ def target_for(deployment: Any) -> Target:
         api_base=api_base,
         params=params,
         timeout_seconds=deployment.timeout_ms / 1000,
+        rpm_limit=deployment.rpm_limit,
+        tpm_limit=deployment.tpm_limit,
     )
 
 

@@ -138,7 +138,12 @@ class TeamAdmin(AuditedAdmin):
         (
             "Response cache",
             {
-                "fields": ("cache_mode", "cache_ttl_seconds", "cache_hit_charge"),
+                "fields": (
+                    "cache_mode",
+                    "cache_ttl_seconds",
+                    "cache_hit_charge",
+                    "cache_hit_price_bps",
+                ),
                 "classes": ["collapse"],
             },
         ),

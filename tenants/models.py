@@ -3,7 +3,7 @@
 Money fields are integers of micro-units (gateway_project/money.py).
 """
 
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 
@@ -131,6 +131,7 @@ class CacheMode(models.TextChoices):
 
 class CacheHitCharge(models.TextChoices):
     FREE = "free", "Cache hits are free"
+    DISCOUNTED = "discounted", "Cache hits cost a share of the call"
     FULL = "full", "Cache hits cost what the call would have"
 
 
@@ -173,7 +174,12 @@ class Team(LimitedEntity, RequestQuota):
     )
     cache_ttl_seconds = models.PositiveIntegerField(default=3600)
     cache_hit_charge = models.CharField(
-        max_length=8, choices=CacheHitCharge.choices, default=CacheHitCharge.FREE
+        max_length=16, choices=CacheHitCharge.choices, default=CacheHitCharge.FREE
+    )
+    cache_hit_price_bps = models.PositiveIntegerField(
+        default=5_000,
+        validators=[MaxValueValidator(10_000)],
+        help_text="discounted: the share of the full charge a hit costs, in basis points.",
     )
     metadata = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

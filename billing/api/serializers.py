@@ -52,6 +52,9 @@ class TeamSettingsInput(LimitsInput):
     cache_hit_charge = serializers.ChoiceField(
         choices=CacheHitCharge.choices, required=False
     )
+    cache_hit_price_bps = serializers.IntegerField(
+        min_value=0, max_value=10_000, required=False
+    )
     metadata = serializers.DictField(required=False)
     model_groups = serializers.ListField(
         child=serializers.CharField(max_length=200), required=False
@@ -160,6 +163,7 @@ def team_output(team: Team, account: CreditAccount) -> dict[str, Any]:
         "cache_mode": team.cache_mode,
         "cache_ttl_seconds": team.cache_ttl_seconds,
         "cache_hit_charge": team.cache_hit_charge,
+        "cache_hit_price_bps": team.cache_hit_price_bps,
         "metadata": team.metadata,
         "created_at": team.created_at.isoformat(),
         "updated_at": team.updated_at.isoformat(),

@@ -243,3 +243,29 @@ def test_the_embedded_backend_applies_the_same_rules():
     assert admitted == [0, 0, 1]
     backend.adjust([("p", -2)])
     assert backend.values == {"r": 2, "t": 20, "p": 0}
+
+
+def test_an_exhausted_deployment_leaves_the_rotation(client, world, fake_upstream):
+    primary = Deployment.objects.get(name="fake")
+    Deployment.objects.filter(pk=primary.pk).update(rpm_limit=1)
+    backup = Deployment.objects.create(
+        name="backup",
+        model="openai/fake-model",
+        litellm_params={"api_base": fake_upstream.base("backup")},
+    )
+    primary.model_groups.get().members.create(deployment=backup, priority=1)
+    _away_from_a_minute_boundary()
+
+    first = _post(client, world["plaintext"])
+    second = _post(client, world["plaintext"])
+
+    assert (first["x-gateway-deployment"], second["x-gateway-deployment"]) == (
+        "fake",
+        "backup",
+    )
+    assert (fake_upstream.calls("rl"), fake_upstream.calls("backup")) == (1, 1)
+    record = UsageRecord.objects.get(request_id=second["x-request-id"])
+    assert record.fallbacks_tried[0] == {
+        "deployment": "fake",
+        "skipped": "rate_limited",
+    }

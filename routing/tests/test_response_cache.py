@@ -181,3 +181,16 @@ def test_generate_reports_cached(client, teams):
 
     assert (first.json()["cached"], second.json()["cached"]) == (False, True)
     assert second.json()["output"] == first.json()["output"]
+
+
+def test_a_discounted_policy_bills_hits_at_a_share(client, teams):
+    Team.objects.filter(team_id="team_a").update(
+        cache_hit_charge=CacheHitCharge.DISCOUNTED, cache_hit_price_bps=2_500
+    )
+
+    _post(client, teams["a"], HTTP_X_GATEWAY_CACHE="on")
+    _post(client, teams["a"], HTTP_X_GATEWAY_CACHE="on")
+
+    miss, hit = UsageRecord.objects.order_by("created_at")
+    # A quarter of the full charge, rounded half up.
+    assert hit.credits_micros == (miss.credits_micros * 2_500 + 5_000) // 10_000 > 0
