@@ -240,3 +240,39 @@ def test_concurrent_retries_of_one_allocation_write_one_entry(team):
     assert errors == []
     assert LedgerEntry.objects.filter(idempotency_key="t:retry").count() == 1
     assert CreditAccount.objects.get(team=team).balance_micros == 107 * MICROS
+
+
+def test_the_price_in_force_is_the_latest_not_after_the_moment(db):
+    from billing.selectors import model_price_at
+
+    for start, price in [
+        (datetime(2026, 1, 1, tzinfo=UTC), 1),
+        (datetime(2026, 6, 1, tzinfo=UTC), 2),
+        (datetime(2027, 1, 1, tzinfo=UTC), 3),
+    ]:
+        ModelPrice.objects.create(
+            model="m",
+            input_price_per_million_micros=price,
+            output_price_per_million_micros=price,
+            effective_from=start,
+        )
+
+    assert model_price_at(model="m", at=datetime(2025, 12, 31, tzinfo=UTC)) is None
+    assert (
+        model_price_at(
+            model="m", at=datetime(2026, 5, 31, tzinfo=UTC)
+        ).input_price_per_million_micros
+        == 1
+    )
+    assert (
+        model_price_at(
+            model="m", at=datetime(2026, 6, 1, tzinfo=UTC)
+        ).input_price_per_million_micros
+        == 2
+    )
+    assert (
+        model_price_at(
+            model="m", at=datetime(2026, 12, 31, tzinfo=UTC)
+        ).input_price_per_million_micros
+        == 2
+    )

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from billing.models import UsageRecord
+from billing.models import LedgerEntry, UsageRecord
 from billing.services import team_open
 from billing.tests.prices import price
 from gateway_project.money import MICROS
@@ -342,6 +342,10 @@ def test_client_disconnect_mid_stream_leaves_one_record(gateway):
         200,
     )
     assert record.completion_tokens > 0  # what was generated is paid for
+    capture = LedgerEntry.objects.get(
+        request_id=record.request_id, entry_type="capture"
+    )
+    assert -capture.held_delta_micros == record.credits_micros > 0
 
 
 def test_fifty_concurrent_calls_leave_fifty_records(gateway):

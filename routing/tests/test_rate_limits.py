@@ -269,3 +269,21 @@ def test_an_exhausted_deployment_leaves_the_rotation(client, world, fake_upstrea
         "deployment": "fake",
         "skipped": "rate_limited",
     }
+
+
+def test_tpm_is_exact_across_two_processes(two_servers, world):
+    Organization.objects.filter(pk=world["organization"].pk).update(tpm_limit=30)
+    _away_from_a_minute_boundary()
+
+    statuses = [
+        httpx.post(
+            f"{two_servers[n % 2].url}/v1/chat/completions",
+            json=CALL,
+            headers={"X-API-Key": world["plaintext"]},
+            timeout=30,
+        ).status_code
+        for n in range(3)
+    ]
+
+    # ~18 reserved then 12 kept per call: the third no longer fits, whichever process serves it.
+    assert statuses == [200, 200, 429]
