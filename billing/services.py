@@ -50,28 +50,22 @@ def credits_allocate(
     if amount_micros <= 0:
         raise ValueError("amount_micros must be positive")
     with transaction.atomic():
-        credit_account_open(team=team)
-        # Lock the account row so that concurrent movements serialize and the
-        # before/after balances of the ledger chain up exactly; a retry that
-        # waited on the lock then sees the first attempt's entry.
-        account = CreditAccount.objects.select_for_update().get(team=team)
+        # The account row is locked so that concurrent movements serialize and
+        # the before/after balances chain up exactly; a retry that waited on
+        # the lock then sees the first attempt's entry.
+        account = _locked_account(team)
         existing = LedgerEntry.objects.filter(idempotency_key=idempotency_key).first()
         if existing is not None:
             return existing
-        entry = LedgerEntry.objects.create(
-            account=account,
+        entry = _entry(
+            account,
             entry_type=entry_type,
-            amount_micros=amount_micros,
-            balance_before_micros=account.balance_micros,
-            balance_after_micros=account.balance_micros + amount_micros,
-            idempotency_key=idempotency_key,
+            amount=amount_micros,
+            held_delta=0,
+            key=idempotency_key,
             reason=reason,
             actor=actor,
             actor_label=actor_label or (actor.email if actor else "system"),
-        )
-        CreditAccount.objects.filter(pk=account.pk).update(
-            balance_micros=F("balance_micros") + amount_micros,
-            allocated_total_micros=F("allocated_total_micros") + amount_micros,
         )
         audit_log_record(
             actor=actor,
@@ -310,6 +304,14 @@ def credits_for_call(*, team: Team, cost_micros: int, tokens: int) -> int:
     return int(credits.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+_ADDITIONS = {
+    LedgerEntryType.ALLOCATION,
+    LedgerEntryType.TOP_UP,
+    LedgerEntryType.REFILL,
+    LedgerEntryType.REFUND,
+}
+
+
 def _entry(
     account: CreditAccount,
     *,
@@ -320,8 +322,11 @@ def _entry(
     request_id: str = "",
     job: Job | None = None,
     reason: str = "",
+    actor: User | None = None,
+    actor_label: str = "gateway",
 ) -> LedgerEntry:
-    """Append one movement to a locked account and apply it with F()."""
+    """Append one movement to a locked account and apply it with F(): the
+    one place ledger rows are written."""
     entry = LedgerEntry.objects.create(
         account=account,
         entry_type=entry_type,
@@ -333,14 +338,18 @@ def _entry(
         request_id=request_id,
         job=job,
         reason=reason,
-        actor_label="gateway",
+        actor=actor,
+        actor_label=actor_label,
     )
     # A capture uses what it takes from the hold plus what it takes from the balance.
     used = -(amount + held_delta) if entry_type == LedgerEntryType.CAPTURE else 0
+    # Money put in (allocations, top-ups, refills, refunds) counts as allocated.
+    added = amount if entry_type in _ADDITIONS else 0
     CreditAccount.objects.filter(pk=account.pk).update(
         balance_micros=F("balance_micros") + amount,
         held_micros=F("held_micros") + held_delta,
         used_total_micros=F("used_total_micros") + used,
+        allocated_total_micros=F("allocated_total_micros") + added,
     )
     account.balance_micros += amount
     account.held_micros += held_delta

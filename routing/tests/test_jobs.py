@@ -1,7 +1,9 @@
 """Jobs of seed 000: create, calls attached to the job, complete, costs."""
 
+import json
+
+import httpx
 import pytest
-from asgiref.sync import async_to_sync
 from django.test import Client
 
 from billing.models import Job, UsageRecord
@@ -39,8 +41,8 @@ def world(db, fake_upstream):
     return keys
 
 
-async def _drain(response) -> bytes:
-    return b"".join([chunk async for chunk in response.streaming_content])
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def _key(key: str) -> dict[str, str]:
@@ -148,21 +150,35 @@ def test_closed_job_takes_no_more_calls(client, world):
     assert not UsageRecord.objects.exists()
 
 
-def test_job_stream_ends_with_done_and_is_recorded(client, world):
+def test_job_stream_relays_every_chunk_and_is_recorded(client, world, running_server):
     job_id = _create_job(client, world["a"])
 
-    response = client.post(
-        f"/api/jobs/{job_id}/llm-call-stream",
-        {"model": "ResumeAgent", "messages": MESSAGES},
-        content_type="application/json",
-        **_key(world["a"]),
+    # Over the real ASGI server: a stream is opened and drained in one loop.
+    response = httpx.post(
+        f"{running_server.url}/api/jobs/{job_id}/llm-call-stream",
+        json={"model": "ResumeAgent", "messages": MESSAGES},
+        headers=_auth(world["a"]),
+        timeout=30,
     )
 
     assert response.status_code == 200
-    text = async_to_sync(_drain)(response).decode()
-    assert text.rstrip().endswith("data: [DONE]")
-    assert '"object": "chat.completion.chunk"' in text
-    assert UsageRecord.objects.get().job_id is not None
+    chunks = [
+        line.removeprefix("data: ")
+        for line in response.text.splitlines()
+        if line.startswith("data: ")
+    ]
+    assert chunks[-1] == "[DONE]"
+    content = "".join(
+        (json.loads(chunk)["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+        for chunk in chunks[:-1]
+    )
+    assert content == "Python, SQL"
+    record = UsageRecord.objects.get()
+    assert (str(record.job_id), record.streamed, record.status) == (
+        job_id,
+        True,
+        "success",
+    )
 
 
 @pytest.mark.parametrize(
