@@ -183,6 +183,56 @@ def two_servers(
     connection.close()
 
 
+@pytest.fixture
+def celery_worker_process(transactional_db: None, tmp_path: Path) -> Iterator[Path]:
+    """A real Celery worker process on the test Redis and PostgreSQL;
+    yields its log file."""
+    database = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": (
+            f"postgresql://{quote(database['USER'] or '')}:{quote(database['PASSWORD'] or '')}"
+            f"@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+        ),
+        "SECRET_KEY": settings.SECRET_KEY,
+        "CELERY_TASK_ALWAYS_EAGER": "false",
+    }
+    log = tmp_path / "worker.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("celery")),
+                "-A",
+                "gateway_project",
+                "worker",
+                "--pool=solo",
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"test-{os.getpid()}@%h",
+            ],
+            cwd=Path(__file__).parent,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while " ready." not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"worker did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    yield log
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    connection.close()
+
+
 # --- Fake OpenAI-compatible upstream (routing/tests/fake_upstream.py) ----------
 
 from routing.tests.fake_upstream import FakeUpstream  # noqa: E402

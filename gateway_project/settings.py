@@ -150,7 +150,16 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 300, minimum=1)
 CELERY_TASK_SOFT_TIME_LIMIT = max(CELERY_TASK_TIME_LIMIT - 30, 1)
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+# Holds older than this, that no settlement followed, are settled by
+# reconciliation (a process died mid-call).
+GATEWAY_STALE_HOLD_SECONDS = env_int("GATEWAY_STALE_HOLD_SECONDS", 900, minimum=60)
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    "reconcile-credit-accounts": {
+        "task": "billing.credit_accounts_reconcile",
+        "schedule": 3600,
+    },
+    "settle-stale-holds": {"task": "billing.holds_settle_stale", "schedule": 300},
+}
 
 # --- Auth -----------------------------------------------------------------
 AUTH_USER_MODEL = "accounts.User"

@@ -10,11 +10,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import httpx
 import pytest
+from django.utils import timezone
 
 from billing.models import CreditAccount, Job, LedgerEntry, UsageRecord
+from billing.reconciliation import holds_settle_stale
 from billing.services import call_settle, team_open
 from billing.tests.ledger import assert_ledger_consistent
 from billing.tests.prices import price
@@ -373,6 +376,17 @@ def test_a_process_killed_mid_call_leaves_a_visible_hold(running_server, fake_up
     assert (
         CreditAccount.objects.get(team=team).held_micros == hold.held_delta_micros > 0
     )
+
+    # Reconciliation settles it, exactly once: no record, so all is released.
+    later = timezone.now() + timedelta(seconds=1)
+    first = holds_settle_stale(older_than=timedelta(0), now=later)
+    second = holds_settle_stale(older_than=timedelta(0), now=later)
+    assert (first, second) == (
+        {"captured": 0, "released": 1},
+        {"captured": 0, "released": 0},
+    )
+    account = CreditAccount.objects.get(team=team)
+    assert (account.held_micros, account.balance_micros) == (0, 100 * MICROS)
 
 
 def _children(pid: int) -> list[int]:
