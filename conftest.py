@@ -99,19 +99,24 @@ class RunningServer:
     process: subprocess.Popen[bytes]
 
 
+def _test_database_url() -> str:
+    """The test database as a URL, for the processes a test starts."""
+    database = connection.settings_dict
+    return (
+        f"postgresql://{quote(database['USER'] or '')}:{quote(database['PASSWORD'] or '')}"
+        f"@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    )
+
+
 def _start_server(tmp_path: Path, name: str) -> RunningServer:
     """gunicorn with one uvicorn worker (ASGI) on a free port, serving the
     test database; returns once /healthz answers."""
-    database = connection.settings_dict
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {
         **os.environ,
-        "DATABASE_URL": (
-            f"postgresql://{quote(database['USER'] or '')}:{quote(database['PASSWORD'] or '')}"
-            f"@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-        ),
+        "DATABASE_URL": _test_database_url(),
         "SECRET_KEY": settings.SECRET_KEY,
         "GATEWAY_ADMIN_KEY": "running-server-admin-key",
     }
@@ -187,13 +192,9 @@ def two_servers(
 def celery_worker_process(transactional_db: None, tmp_path: Path) -> Iterator[Path]:
     """A real Celery worker process on the test Redis and PostgreSQL;
     yields its log file."""
-    database = connection.settings_dict
     env = {
         **os.environ,
-        "DATABASE_URL": (
-            f"postgresql://{quote(database['USER'] or '')}:{quote(database['PASSWORD'] or '')}"
-            f"@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-        ),
+        "DATABASE_URL": _test_database_url(),
         "SECRET_KEY": settings.SECRET_KEY,
         "CELERY_TASK_ALWAYS_EAGER": "false",
     }

@@ -78,11 +78,15 @@ class Call:
     held_micros: int = 0
     budget_reserved_micros: int | None = None
     cache_key: str | None = None
-    estimated_tokens: int = 0
+    estimate: tuple[int, int] | None = None
     cached: dict[str, Any] | None = None
     admission: limits.Admission | None = None
     started: float = field(default_factory=time.monotonic)
     attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def estimated_tokens(self) -> int:
+        return sum(self.estimate) if self.estimate else 0
 
     @property
     def latency_ms(self) -> int:
@@ -388,7 +392,10 @@ def _charge(
 def _estimate(call: Call) -> tuple[int, int]:
     """(prompt, completion) tokens a call may use: the prompt counted, plus
     ``max_tokens`` — set to the configured cap when the caller gave none, and
-    then sent upstream, so that the completion cannot outgrow the estimate."""
+    then sent upstream, so that the completion cannot outgrow the estimate.
+    Counted once per call: limits and the hold share it."""
+    if call.estimate is not None:
+        return call.estimate
     completion = 0
     if call.endpoint != "embedding":
         given = call.body.get("max_tokens") or call.body.get("max_completion_tokens")
@@ -397,11 +404,9 @@ def _estimate(call: Call) -> tuple[int, int]:
             call.body["max_tokens"] = given
         completion = given
     target = next((t for t in call.targets if t.deployment_id in call.prices), None)
-    if target is None:
-        return 0, completion
-    prompt, _ = providers.estimate_tokens(target, call.body, "")
-    call.estimated_tokens = prompt + completion
-    return prompt, completion
+    prompt = providers.estimate_tokens(target, call.body, "")[0] if target else 0
+    call.estimate = (prompt, completion)
+    return call.estimate
 
 
 def _admit(call: Call) -> None:
