@@ -108,9 +108,12 @@ def _test_database_url() -> str:
     )
 
 
-def _start_server(tmp_path: Path, name: str) -> RunningServer:
+def _start_server(
+    tmp_path: Path, name: str, extra_env: dict[str, str] | None = None
+) -> RunningServer:
     """gunicorn with one uvicorn worker (ASGI) on a free port, serving the
-    test database; returns once /healthz answers."""
+    test database (unless ``extra_env`` says otherwise); returns once /healthz
+    answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -119,6 +122,7 @@ def _start_server(tmp_path: Path, name: str) -> RunningServer:
         "DATABASE_URL": _test_database_url(),
         "SECRET_KEY": settings.SECRET_KEY,
         "GATEWAY_ADMIN_KEY": "running-server-admin-key",
+        **(extra_env or {}),
     }
     log = tmp_path / f"{name}.log"
     with log.open("w") as output:

@@ -4,7 +4,15 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from accounts.admin_base import AuditedAdmin, ReadOnlyAdmin, format_micros
-from billing.models import CreditAccount, Job, LedgerEntry, ModelPrice, UsageRecord
+from billing.models import (
+    CreditAccount,
+    Job,
+    LedgerEntry,
+    ModelPrice,
+    RollupState,
+    UsageRecord,
+    UsageRollup,
+)
 
 
 @admin.register(CreditAccount)
@@ -157,6 +165,44 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     @admin.display(ordering="credits_micros")
     def credits(self, obj: UsageRecord) -> str:
         return format_micros(obj.credits_micros)
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(ReadOnlyAdmin):
+    """Hourly and daily aggregates written by the usage rollup task."""
+
+    list_display = (
+        "bucket_start",
+        "granularity",
+        "team",
+        "virtual_key",
+        "model_group",
+        "deployment",
+        "requests",
+        "errors",
+        "total_tokens",
+        "cost",
+        "credits",
+    )
+    list_filter = ("granularity",)
+    search_fields = ("team__team_id", "organization__organization_id")
+    date_hierarchy = "bucket_start"
+    list_select_related = ("team", "virtual_key", "model_group", "deployment")
+    readonly_fields = [f.name for f in UsageRollup._meta.fields]
+
+    @admin.display(ordering="cost_micros", description="cost (USD)")
+    def cost(self, obj: UsageRollup) -> str:
+        return format_micros(obj.cost_micros)
+
+    @admin.display(ordering="credits_micros")
+    def credits(self, obj: UsageRollup) -> str:
+        return format_micros(obj.credits_micros)
+
+
+@admin.register(RollupState)
+class RollupStateAdmin(ReadOnlyAdmin):
+    list_display = ("name", "rolled_up_until", "days_rolled_up_until", "updated_at")
+    readonly_fields = [f.name for f in RollupState._meta.fields]
 
 
 @admin.register(Job)

@@ -9,6 +9,7 @@ from typing import Any
 
 from django.db import models
 from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 
 from tenants.models import BudgetPeriod
 
@@ -336,3 +337,102 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class RollupGranularity(models.TextChoices):
+    HOUR = "hour", "Hour"
+    DAY = "day", "Day"
+
+
+def _grain_part(field: str) -> Coalesce:
+    # NULL never equals NULL in a unique index: an absent key, group or
+    # deployment counts as 0 so that each grain has exactly one row.
+    return Coalesce(field, 0, output_field=models.BigIntegerField())
+
+
+class UsageRollup(models.Model):
+    """Usage of one UTC hour or day at the full grain (organization, team,
+    key, model group, deployment): every aggregate is a GROUP BY over it.
+
+    Written only by billing.rollups; ``latency_histogram`` maps the upper bound
+    in ms of each bucket of rollups.LATENCY_BUCKETS_MS to its count, so that
+    percentiles merge across rows.
+    """
+
+    granularity = models.CharField(max_length=8, choices=RollupGranularity.choices)
+    bucket_start = models.DateTimeField()
+    organization = models.ForeignKey(
+        "tenants.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    team = models.ForeignKey("tenants.Team", on_delete=models.PROTECT, related_name="+")
+    virtual_key = models.ForeignKey(
+        "tenants.VirtualKey",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    model_group = models.ForeignKey(
+        "routing.ModelGroup",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    deployment = models.ForeignKey(
+        "routing.Deployment",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    requests = models.BigIntegerField(default=0)
+    successes = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+    cache_hits = models.BigIntegerField(default=0)
+    fallbacks = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    total_tokens = models.BigIntegerField(default=0)
+    cost_micros = models.BigIntegerField(default=0)
+    credits_micros = models.BigIntegerField(default=0)
+    latency_sum_ms = models.BigIntegerField(default=0)
+    latency_max_ms = models.BigIntegerField(default=0)
+    latency_histogram = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [
+            # Also the index of (granularity, bucket_start) scans.
+            models.UniqueConstraint(
+                "granularity",
+                "bucket_start",
+                "organization",
+                "team",
+                _grain_part("virtual_key"),
+                _grain_part("model_group"),
+                _grain_part("deployment"),
+                name="billing_rollup_unique_grain",
+            ),
+            models.CheckConstraint(
+                condition=Q(granularity__in=RollupGranularity.values),
+                name="billing_rollup_granularity_valid",
+            ),
+        ]
+        indexes = [models.Index(fields=["team", "granularity", "bucket_start"])]
+
+    def __str__(self) -> str:
+        return f"{self.granularity} {self.bucket_start:%Y-%m-%d %H:%M} {self.team_id}"
+
+
+class RollupState(models.Model):
+    """How far raw usage is rolled up: every hour before ``rolled_up_until``
+    has its hourly rows, and daily rows are recomputed up to
+    ``days_rolled_up_until`` (equal to it, unless a run stopped in between)."""
+
+    name = models.CharField(max_length=32, unique=True)
+    rolled_up_until = models.DateTimeField(null=True, blank=True)
+    days_rolled_up_until = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} until {self.rolled_up_until}"

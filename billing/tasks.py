@@ -10,7 +10,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import CreditAccount
+from billing.periods import budgets_reset, credit_account_refill, credit_accounts_refill
 from billing.reconciliation import credit_account_reconcile, holds_settle_stale
+from billing.rollups import usage_prune, usage_roll_up
 
 
 @shared_task(name="billing.credit_account_reconcile", time_limit=60, soft_time_limit=50)
@@ -40,3 +42,34 @@ def holds_settle_stale_task(older_than_seconds: int | None = None) -> dict[str, 
         else older_than_seconds
     )
     return holds_settle_stale(older_than=timedelta(seconds=age), now=timezone.now())
+
+
+@shared_task(name="billing.usage_roll_up", time_limit=600, soft_time_limit=570)
+def usage_roll_up_task() -> dict[str, int]:
+    """Roll up raw usage into hourly and daily rows up to the grace period
+    (at most 48 hours a run; the next one continues)."""
+    return usage_roll_up(now=timezone.now())
+
+
+@shared_task(name="billing.usage_prune", time_limit=1800, soft_time_limit=1770)
+def usage_prune_task() -> int:
+    """Delete raw usage past retention that is rolled up, in batches."""
+    return usage_prune(now=timezone.now())
+
+
+@shared_task(name="billing.budgets_reset", time_limit=300, soft_time_limit=270)
+def budgets_reset_task() -> dict[str, int]:
+    """Start the new budget and quota windows whose boundary has passed."""
+    return budgets_reset(now=timezone.now())
+
+
+@shared_task(name="billing.credit_account_refill", time_limit=60, soft_time_limit=50)
+def credit_account_refill_task(account_id: int) -> bool:
+    """Refill one account for the current period; whether a row was written."""
+    return credit_account_refill(account_id=account_id, now=timezone.now())[1]
+
+
+@shared_task(name="billing.credit_accounts_refill", time_limit=300, soft_time_limit=270)
+def credit_accounts_refill_task() -> dict[str, int]:
+    """Refill every account configured for auto-refill, once per period."""
+    return credit_accounts_refill(now=timezone.now())

@@ -1,6 +1,7 @@
 """Request-id plumbing: every response carries ``x-request-id``."""
 
 import ipaddress
+import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -8,7 +9,12 @@ from contextvars import ContextVar
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponseBase
+
+from gateway_project.errors import GatewayError, error_response
+
+logger = logging.getLogger(__name__)
 
 # A caller-supplied id is kept only when it is short and harmless to log.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -64,6 +70,45 @@ class RequestIdMiddleware:
             _current_client_ip.reset(token)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
         return response
+
+
+class ServiceUnavailable(GatewayError):
+    http_status = 503
+    code = "service_unavailable"
+
+
+class DatabaseUnavailableMiddleware:
+    """A view that cannot reach the database answers 503
+    ``service_unavailable`` in the envelope (never a 500 page, and never a
+    call served unmetered: nothing on the request path skips the database)."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest):  # type: ignore[no-untyped-def]
+        return self.get_response(request)
+
+    def process_exception(
+        self, request: HttpRequest, exception: Exception
+    ) -> HttpResponseBase | None:
+        if not isinstance(exception, OperationalError | InterfaceError):
+            return None
+        logger.error("database unavailable: %s", exception)
+        return error_response(
+            ServiceUnavailable(
+                "The gateway's database is unavailable; nothing was done. Retry later.",
+                headers={"Retry-After": "5"},
+            )
+        )
 
 
 def client_ip(request: HttpRequest) -> str | None:

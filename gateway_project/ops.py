@@ -38,22 +38,51 @@ def _check_cache() -> str:
     return "ok"
 
 
+def _check_broker() -> str:
+    url = settings.CELERY_BROKER_URL
+    if not url.startswith(("redis://", "rediss://")):
+        return "ok"  # the embedded default runs tasks in-process
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client.ping()
+    finally:
+        client.close()
+    return "ok"
+
+
+def _required() -> set[str]:
+    """The database always; Redis only when rate limits fail closed. With
+    fail-open, a gateway without Redis still serves (keys from the database,
+    no response cache) and stays in rotation, reported as degraded; the broker
+    only delays background work."""
+    return {"database"} | (
+        set() if settings.GATEWAY_RATE_LIMIT_FAIL_OPEN else {"cache"}
+    )
+
+
 @require_GET
 def readyz(request: HttpRequest) -> JsonResponse:
-    """Readiness: 200 when every required dependency answers, 503 otherwise."""
-    checks = {"database": _check_database, "cache": _check_cache}
+    """Readiness: each dependency's state; 503 when a required one is down."""
+    checks = {
+        "database": _check_database,
+        "cache": _check_cache,
+        "broker": _check_broker,
+    }
     results: dict[str, str] = {}
-    ready = True
     for name, check in checks.items():
         try:
             results[name] = check()
-        except Exception as error:  # any failure means "not ready"
+        except Exception as error:  # any failure means "down"
             logger.warning("readiness check %s failed: %s", name, error)
             results[name] = "down"
-            ready = False
+    down = {name for name, state in results.items() if state != "ok"}
+    ready = not (down & _required())
     body = {
-        "status": "ready" if ready else "not_ready",
+        "status": ("degraded" if down else "ready") if ready else "not_ready",
         "checks": results,
+        "required": sorted(_required()),
         "mode": "embedded" if settings.EMBEDDED else "service",
     }
     return JsonResponse(body, status=200 if ready else 503)

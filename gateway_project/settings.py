@@ -82,6 +82,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "gateway_project.middleware.RequestIdMiddleware",
+    "gateway_project.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -136,9 +137,15 @@ if REDIS_URL:
                 "CLIENT_CLASS": "django_redis.client.DefaultClient",
                 "SOCKET_CONNECT_TIMEOUT": 2,
                 "SOCKET_TIMEOUT": 2,
+                # Redis down degrades the cache to "always a miss" (keys read
+                # from the database, no response cache, no shared cooldowns)
+                # instead of failing requests; rate limits follow
+                # GATEWAY_RATE_LIMIT_FAIL_OPEN.
+                "IGNORE_EXCEPTIONS": True,
             },
         }
     }
+    DJANGO_REDIS_LOG_IGNORED_EXCEPTIONS = True
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -153,12 +160,30 @@ CELERY_TASK_SOFT_TIME_LIMIT = max(CELERY_TASK_TIME_LIMIT - 30, 1)
 # Holds older than this, that no settlement followed, are settled by
 # reconciliation (a process died mid-call).
 GATEWAY_STALE_HOLD_SECONDS = env_int("GATEWAY_STALE_HOLD_SECONDS", 900, minimum=60)
+# Usage rollups cover an hour (a day) once it has been over this long, so
+# that calls settling at the boundary are inside.
+GATEWAY_ROLLUP_GRACE_SECONDS = env_int("GATEWAY_ROLLUP_GRACE_SECONDS", 120, minimum=0)
+# Raw usage records older than this are deleted, in batches, once rolled up.
+GATEWAY_USAGE_RETENTION_DAYS = env_int("GATEWAY_USAGE_RETENTION_DAYS", 90, minimum=1)
+GATEWAY_RETENTION_BATCH_SIZE = env_int("GATEWAY_RETENTION_BATCH_SIZE", 5000, minimum=1)
+# How often beat runs key sync (expiry marking, cache refresh, last_used flush).
+GATEWAY_KEY_SYNC_INTERVAL_SECONDS = env_int(
+    "GATEWAY_KEY_SYNC_INTERVAL_SECONDS", 10, minimum=1
+)
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
     "reconcile-credit-accounts": {
         "task": "billing.credit_accounts_reconcile",
         "schedule": 3600,
     },
     "settle-stale-holds": {"task": "billing.holds_settle_stale", "schedule": 300},
+    "sync-keys": {
+        "task": "tenants.virtual_keys_sync",
+        "schedule": GATEWAY_KEY_SYNC_INTERVAL_SECONDS,
+    },
+    "reset-budgets": {"task": "billing.budgets_reset", "schedule": 60},
+    "refill-credits": {"task": "billing.credit_accounts_refill", "schedule": 300},
+    "roll-up-usage": {"task": "billing.usage_roll_up", "schedule": 300},
+    "prune-usage": {"task": "billing.usage_prune", "schedule": 3600},
 }
 
 # --- Auth -----------------------------------------------------------------

@@ -49,6 +49,7 @@ from tenants.authentication import (
     virtual_key_authenticate,
     virtual_key_touch,
 )
+from tenants.key_cache import key_allowed_group_ids
 from tenants.models import BudgetMode, CacheHitCharge, VirtualKey
 
 
@@ -125,11 +126,11 @@ def _validate(endpoint: str, body: dict[str, Any]) -> None:
 
 def allowed_groups(key: VirtualKey) -> list[ModelGroup]:
     """The active groups a key may use: its own list if it has one, else its team's."""
-    groups = key.team.model_groups.filter(status=ModelGroupStatus.ACTIVE)
-    restricted = list(key.allowed_model_groups.values_list("pk", flat=True))
-    if restricted:
-        groups = groups.filter(pk__in=restricted)
-    return list(groups.order_by("group_name"))
+    return list(
+        ModelGroup.objects.filter(
+            pk__in=key_allowed_group_ids(key), status=ModelGroupStatus.ACTIVE
+        ).order_by("group_name")
+    )
 
 
 def _ordered(members: list[Any]) -> list[Any]:
@@ -166,7 +167,7 @@ def _prepare(
         raise ModelNotFound(
             f"The model '{body['model']}' does not exist", param="model"
         )
-    if group.pk not in {allowed.pk for allowed in allowed_groups(key)}:
+    if group.pk not in key_allowed_group_ids(key):
         raise ModelNotAllowed(
             f"This key may not use the model '{body['model']}'", param="model"
         )
@@ -234,7 +235,8 @@ def _record_failure(deployment_id: int, error: ProviderError) -> None:
     counter = f"failures:deployment:{deployment_id}"
     if not cache.add(counter, 1, timeout=window):
         try:
-            failures = cache.incr(counter)
+            # None when Redis is down (the cache ignores its errors).
+            failures = cache.incr(counter) or 1
         except ValueError:
             failures = 1
     else:

@@ -10,8 +10,29 @@ from django.utils.html import format_html, format_html_join
 from accounts.admin_base import AuditedAdmin, format_micros
 from accounts.models import User
 from gateway_project.middleware import client_ip
+from tenants.key_cache import key_cache_invalidate_on_commit
 from tenants.models import Organization, Team, VirtualKey
 from tenants.services import virtual_key_issue, virtual_key_revoke
+
+
+class KeyCacheAdmin(AuditedAdmin):
+    """Saves and deletes of organizations, teams and keys invalidate the key
+    cache after commit, like the services do."""
+
+    def save_related(
+        self, request: HttpRequest, form: Any, formsets: Any, change: bool
+    ) -> None:
+        super().save_related(request, form, formsets, change)
+        key_cache_invalidate_on_commit()
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        super().delete_model(request, obj)
+        key_cache_invalidate_on_commit()
+
+    def delete_queryset(self, request: HttpRequest, queryset: Any) -> None:
+        super().delete_queryset(request, queryset)
+        key_cache_invalidate_on_commit()
+
 
 LIMIT_FIELDS = (
     "rpm_limit",
@@ -24,7 +45,7 @@ LIMIT_FIELDS = (
 
 
 @admin.register(Organization)
-class OrganizationAdmin(AuditedAdmin):
+class OrganizationAdmin(KeyCacheAdmin):
     audit_resource_type = "organization"
     list_display = ("organization_id", "name", "status", "team_count", "created_at")
     list_filter = ("status",)
@@ -75,7 +96,7 @@ class VirtualKeyInline(admin.TabularInline):
 
 
 @admin.register(Team)
-class TeamAdmin(AuditedAdmin):
+class TeamAdmin(KeyCacheAdmin):
     audit_resource_type = "team"
     list_display = (
         "team_id",
@@ -221,7 +242,7 @@ class VirtualKeyAddForm(forms.ModelForm):
 
 
 @admin.register(VirtualKey)
-class VirtualKeyAdmin(AuditedAdmin):
+class VirtualKeyAdmin(KeyCacheAdmin):
     audit_resource_type = "virtual_key"
     list_display = (
         "display_prefix",

@@ -1,12 +1,11 @@
 """Authenticating a team's virtual key: the one implementation the management
 API, the tenant API and the inference path all use."""
 
-from datetime import timedelta
-
 from django.http import HttpRequest
 from django.utils import timezone
 
 from gateway_project.errors import GatewayError
+from tenants.key_cache import key_last_used_stamp, key_lookup
 from tenants.keys import key_matches, key_parse
 from tenants.models import Status, VirtualKey
 from tenants.services import key_state
@@ -55,13 +54,7 @@ def virtual_key_authenticate(*, plaintext: str | None) -> VirtualKey:
             "Missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"
         )
     public_id = key_parse(plaintext)
-    key = (
-        VirtualKey.objects.select_related("team__organization")
-        .filter(public_id=public_id)
-        .first()
-        if public_id
-        else None
-    )
+    key = key_lookup(public_id) if public_id else None
     # Unknown id and wrong secret are indistinguishable; the digest comparison
     # is constant-time.
     if key is None or not key_matches(plaintext, key.digest):
@@ -79,15 +72,8 @@ def virtual_key_authenticate(*, plaintext: str | None) -> VirtualKey:
     return key
 
 
-# last_used_at is written at most this often per key, so that a busy key does
-# not turn every request into a write.
-LAST_USED_RESOLUTION = timedelta(seconds=60)
-
-
 def virtual_key_touch(*, key: VirtualKey) -> None:
-    """Stamp ``last_used_at`` after a request the key was allowed to make
-    (never on a refusal: a refused request writes nothing)."""
-    now = timezone.now()
-    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-        VirtualKey.objects.filter(pk=key.pk).update(last_used_at=now)
-        key.last_used_at = now
+    """Note the key's use after a request it was allowed to make (never on a
+    refusal: a refused request writes nothing). Key sync flushes the stamps
+    to ``last_used_at``."""
+    key_last_used_stamp(key=key)

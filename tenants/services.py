@@ -11,6 +11,7 @@ from accounts.models import User
 from accounts.services import audit_log_record, changes_apply
 from gateway_project.crypto import derived_secret
 from gateway_project.errors import AlreadyExists, GatewayError
+from tenants.key_cache import key_cache_invalidate_on_commit
 from tenants.keys import NewKey, key_generate
 from tenants.models import (
     KeyStatus,
@@ -255,6 +256,7 @@ def virtual_key_rotate(
                 "grace_seconds": grace_seconds,
             },
         )
+        key_cache_invalidate_on_commit()
     return successor, expected.plaintext
 
 
@@ -281,12 +283,14 @@ def virtual_key_revoke(
 ) -> bool:
     """Revoke a key at once. Returns False when it was already revoked."""
     with transaction.atomic():
+        now = timezone.now()
         updated = (
             VirtualKey.objects.filter(pk=key.pk)
             .exclude(status=KeyStatus.REVOKED)
-            .update(status=KeyStatus.REVOKED, revoked_at=timezone.now())
+            .update(status=KeyStatus.REVOKED, revoked_at=now, updated_at=now)
         )
         if updated:
+            key_cache_invalidate_on_commit()
             audit_log_record(
                 actor=actor,
                 actor_label=actor_label,
@@ -343,6 +347,7 @@ def organization_update(
             actor=actor,
             actor_label=actor_label,
         )
+        key_cache_invalidate_on_commit()
     return organization
 
 
@@ -370,6 +375,7 @@ def organization_delete(
             resource_type="organization",
             resource_id=organization.organization_id,
         )
+        key_cache_invalidate_on_commit()
         if organization.teams.exists():
             organization.status = Status.DELETED
             organization.save(update_fields=["status", "updated_at"])
@@ -401,6 +407,7 @@ def team_update(
             actor=actor,
             actor_label=actor_label,
         )
+        key_cache_invalidate_on_commit()
         if model_groups is not None:
             groups = list(model_groups)
             before = sorted(str(group) for group in team.model_groups.all())
@@ -428,8 +435,9 @@ def team_delete(
     with transaction.atomic():
         now = timezone.now()
         revoked = team.keys.exclude(status=KeyStatus.REVOKED).update(
-            status=KeyStatus.REVOKED, revoked_at=now
+            status=KeyStatus.REVOKED, revoked_at=now, updated_at=now
         )
+        key_cache_invalidate_on_commit()
         team.status = Status.DELETED
         team.save(update_fields=["status", "updated_at"])
         audit_log_record(

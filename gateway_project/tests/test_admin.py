@@ -1,6 +1,7 @@
 """Every admin screen renders for an owner, redirects strangers, leaks no secret."""
 
 import io
+from datetime import timedelta
 
 import pytest
 from django.contrib import admin
@@ -11,6 +12,7 @@ from django.utils import timezone
 
 from accounts.models import RevokedToken, User
 from billing.models import Job, ModelPrice, UsageRecord
+from billing.rollups import usage_roll_up
 from gateway_project.crypto import decrypt_text
 from routing.models import ModelGroupMember, ProviderCredential
 from routing.services import provider_credential_create
@@ -61,8 +63,9 @@ def seeded(db):
         endpoint="chat/completions",
         requested_model="demo",
         status="success",
-        created_at=timezone.now(),
+        created_at=timezone.now() - timedelta(hours=2),
     )
+    usage_roll_up(now=timezone.now())  # rollup rows and the rollup state
     return demo_key
 
 

@@ -14,27 +14,59 @@ def test_liveness(client):
 
 
 @pytest.mark.django_db
-def test_readiness_checks_database_and_redis(client):
+def test_readiness_checks_database_redis_and_broker(client):
     response = client.get("/readyz")
 
     assert response.status_code == 200
-    assert response.json()["checks"] == {"database": "ok", "cache": "ok"}
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "cache": "ok", "broker": "ok"},
+        "required": ["database"],
+        "mode": "service",
+    }
 
 
-@pytest.mark.django_db
-def test_readiness_is_503_when_redis_is_down(client, settings):
+def _redis_down(settings) -> None:
+    dead = "redis://127.0.0.1:1/0"
     settings.CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
-            "LOCATION": "redis://127.0.0.1:1/0",
-            "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.2, "SOCKET_TIMEOUT": 0.2},
+            "LOCATION": dead,
+            "OPTIONS": {
+                "SOCKET_CONNECT_TIMEOUT": 0.2,
+                "SOCKET_TIMEOUT": 0.2,
+                "IGNORE_EXCEPTIONS": True,
+            },
         }
     }
+    settings.CELERY_BROKER_URL = dead
+
+
+@pytest.mark.django_db
+def test_readiness_with_redis_down_is_degraded_when_limits_fail_open(client, settings):
+    _redis_down(settings)
+    settings.GATEWAY_RATE_LIMIT_FAIL_OPEN = True
+
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert (response.json()["status"], response.json()["checks"]) == (
+        "degraded",
+        {"database": "ok", "cache": "down", "broker": "down"},
+    )
+
+
+@pytest.mark.django_db
+def test_readiness_is_503_when_redis_is_down_and_limits_fail_closed(client, settings):
+    _redis_down(settings)
+    settings.GATEWAY_RATE_LIMIT_FAIL_OPEN = False
 
     response = client.get("/readyz")
 
     assert response.status_code == 503
-    assert response.json()["checks"] == {"database": "ok", "cache": "down"}
+    assert response.json()["status"] == "not_ready"
+    assert response.json()["required"] == ["cache", "database"]
+    assert response.json()["checks"]["cache"] == "down"
 
 
 def test_metrics_are_prometheus_text(client):

@@ -1,0 +1,217 @@
+"""The key cache in Redis: what authenticating a key needs, shared by every
+gateway process, and the throttled ``last_used`` stamps.
+
+An entry holds the key row (with its team and organization) and the model
+groups it may use, stamped with a *generation*. Every change to an
+organization, team or key bumps the generation after commit, so every process
+stops trusting older entries at once: a revocation is visible to all instances
+on their next request. A process that read the generation before loading a key
+from the database writes its entry with that generation, so a change committed
+meanwhile can never be masked by a stale entry.
+
+When Redis is unreachable, keys are read from the database (and ``last_used``
+is written there, throttled): authentication never depends on the cache.
+"""
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.db.models import Max, Q
+from django.utils import timezone
+
+from tenants.models import KeyStatus, Organization, Team, VirtualKey
+
+logger = logging.getLogger(__name__)
+
+GENERATION = "keys:generation"
+SYNCED_THROUGH = "keys:synced_through"
+LAST_USED_HASH = "keys:last_used"
+# An entry lives this long at most, whatever happens to invalidation.
+ENTRY_SECONDS = 300
+# A process stamps a key's last use in Redis at most this often.
+STAMP_SECONDS = 5.0
+
+_stamped: dict[int, float] = {}
+
+
+def _entry_name(public_id: str) -> str:
+    return f"keys:entry:{public_id}"
+
+
+def _redis_configured() -> bool:
+    return bool(settings.REDIS_URL)
+
+
+def _load(public_id: str) -> VirtualKey | None:
+    key = (
+        VirtualKey.objects.select_related("team__organization")
+        .filter(public_id=public_id)
+        .first()
+    )
+    if key is None:
+        return None
+    team_groups = set(key.team.model_groups.values_list("pk", flat=True))
+    restricted = set(key.allowed_model_groups.values_list("pk", flat=True))
+    key.__dict__["allowed_group_ids"] = frozenset(
+        team_groups & restricted if restricted else team_groups
+    )
+    return key
+
+
+def key_allowed_group_ids(key: VirtualKey) -> frozenset[int]:
+    """The model groups (any status) a key may use: its own subset of its
+    team's, or all of its team's."""
+    cached = key.__dict__.get("allowed_group_ids")
+    if cached is None:
+        loaded = _load(key.public_id)
+        cached = loaded.__dict__["allowed_group_ids"] if loaded else frozenset()
+        key.__dict__["allowed_group_ids"] = cached
+    return frozenset(cached)
+
+
+def key_lookup(public_id: str) -> VirtualKey | None:
+    """The key with this public id, from the cache when its entry is current,
+    else from the database (then cached). Unknown ids are not cached."""
+    name = _entry_name(public_id)
+    try:
+        found = cache.get_many([GENERATION, name])
+    except Exception as error:  # Redis down: the database decides alone
+        logger.warning("key cache unavailable, reading the database: %s", error)
+        return _load(public_id)
+    generation = found.get(GENERATION, 0)
+    entry = found.get(name)
+    if entry is not None and entry["generation"] == generation:
+        key: VirtualKey = entry["key"]
+        return key
+    loaded = _load(public_id)
+    if loaded is not None:
+        try:
+            cache.set(
+                name, {"generation": generation, "key": loaded}, timeout=ENTRY_SECONDS
+            )
+        except Exception as error:
+            logger.warning("key cache write failed: %s", error)
+    return loaded
+
+
+def key_cache_invalidate() -> None:
+    """Make every cached key entry stale (all instances at once). Call after
+    commit of any change to an organization, team or key."""
+    try:
+        cache.add(GENERATION, 0, timeout=None)
+        cache.incr(GENERATION)
+    except Exception as error:
+        # Entries cannot be read either while Redis is down; key sync bumps the
+        # generation again once it finds the changed rows.
+        logger.warning("key cache invalidation failed: %s", error)
+
+
+def key_cache_invalidate_on_commit() -> None:
+    """Invalidate now and again once the current transaction commits.
+
+    The bump after commit is the one that matters: a process may reload the
+    old row between the first bump and the commit. The first one makes the
+    change visible inside the transaction that made it.
+    """
+    key_cache_invalidate()
+    transaction.on_commit(key_cache_invalidate)
+
+
+def key_last_used_stamp(*, key: VirtualKey) -> None:
+    """Note that the key was just used. With Redis, a stamp in a hash that key
+    sync flushes to the database; without it, a throttled database write."""
+    now = time.monotonic()
+    if now - _stamped.get(key.pk, -STAMP_SECONDS) < STAMP_SECONDS:
+        return
+    _stamped[key.pk] = now
+    if _redis_configured():
+        try:
+            from django_redis import get_redis_connection
+
+            get_redis_connection("default").hset(
+                _raw_name(LAST_USED_HASH), str(key.pk), int(time.time())
+            )
+            return
+        except Exception as error:
+            logger.warning("last_used stamp to Redis failed: %s", error)
+    stamp = timezone.now()
+    VirtualKey.objects.filter(pk=key.pk).filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=stamp)
+    ).update(last_used_at=stamp)
+
+
+def _raw_name(name: str) -> str:
+    prefix = settings.CACHES["default"].get("KEY_PREFIX", "")
+    return f"{prefix}:{name}" if prefix else name
+
+
+def key_last_used_flush() -> int:
+    """Write the stamps collected in Redis to ``last_used_at``; returns how many
+    keys were stamped. A flush interrupted half-way is resumed by the next."""
+    if not _redis_configured():
+        return 0
+    from django_redis import get_redis_connection
+
+    client = get_redis_connection("default")
+    live, flushing = _raw_name(LAST_USED_HASH), _raw_name(LAST_USED_HASH + ":flushing")
+    if not client.exists(flushing):
+        if not client.exists(live):
+            return 0
+        client.rename(live, flushing)
+    stamps = {int(pk): int(seconds) for pk, seconds in client.hgetall(flushing).items()}
+    with transaction.atomic():
+        for pk, seconds in sorted(stamps.items()):
+            stamp = datetime.fromtimestamp(seconds, tz=UTC)
+            VirtualKey.objects.filter(pk=pk).filter(
+                Q(last_used_at__isnull=True) | Q(last_used_at__lt=stamp)
+            ).update(last_used_at=stamp)
+    client.delete(flushing)
+    return len(stamps)
+
+
+def virtual_keys_expire(*, now: datetime) -> int:
+    """Mark keys past their expiry ``expired``; returns how many."""
+    return VirtualKey.objects.filter(
+        status=KeyStatus.ACTIVE, expires_at__lte=now
+    ).update(status=KeyStatus.EXPIRED, updated_at=now)
+
+
+def _latest_change() -> datetime | None:
+    stamps = [
+        model.objects.aggregate(latest=Max("updated_at"))["latest"]
+        for model in (Organization, Team, VirtualKey)
+    ]
+    present = [stamp for stamp in stamps if stamp is not None]
+    return max(present) if present else None
+
+
+def virtual_keys_sync(*, now: datetime) -> dict[str, Any]:
+    """Key sync: mark expired keys, invalidate the cache when any organization,
+    team or key changed since the last sync (also changes made behind the
+    services' back), and flush ``last_used`` stamps. Idempotent."""
+    expired = virtual_keys_expire(now=now)
+    latest = _latest_change()
+    try:
+        synced: datetime | None = cache.get(SYNCED_THROUGH)
+    except Exception as error:
+        logger.warning("key sync cannot reach Redis: %s", error)
+        synced = None
+    changed = expired > 0 or (
+        latest is not None and (synced is None or latest > synced)
+    )
+    if changed:
+        key_cache_invalidate()
+        try:
+            cache.set(SYNCED_THROUGH, latest, timeout=None)
+        except Exception as error:
+            logger.warning("key sync cannot reach Redis: %s", error)
+    return {
+        "expired": expired,
+        "invalidated": changed,
+        "last_used_flushed": key_last_used_flush(),
+    }
