@@ -13,6 +13,7 @@ from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponseBase
 
 from gateway_project.errors import GatewayError, error_response
+from gateway_project.logs import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +55,24 @@ class RequestIdMiddleware:
             return self.__acall__(request)
         request.request_id = request_id_for(request)  # type: ignore[attr-defined]
         token = _current_client_ip.set(client_ip(request))
+        id_token = current_request_id.set(request.request_id)  # type: ignore[attr-defined]
         try:
             response = self.get_response(request)
         finally:
             _current_client_ip.reset(token)
+            current_request_id.reset(id_token)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined,index]
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         request.request_id = request_id_for(request)  # type: ignore[attr-defined]
         token = _current_client_ip.set(client_ip(request))
+        id_token = current_request_id.set(request.request_id)  # type: ignore[attr-defined]
         try:
             response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
         finally:
             _current_client_ip.reset(token)
+            current_request_id.reset(id_token)
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
         return response
 
@@ -102,13 +107,16 @@ class DatabaseUnavailableMiddleware:
     ) -> HttpResponseBase | None:
         if not isinstance(exception, OperationalError | InterfaceError):
             return None
-        logger.error("database unavailable: %s", exception)
-        return error_response(
-            ServiceUnavailable(
-                "The gateway's database is unavailable; nothing was done. Retry later.",
-                headers={"Retry-After": "5"},
-            )
-        )
+        return error_response(database_unavailable(exception))
+
+
+def database_unavailable(failure: Exception) -> GatewayError:
+    """The 503 a request gets when the database cannot be reached."""
+    logger.error("database unavailable: %s", failure)
+    return ServiceUnavailable(
+        "The gateway's database is unavailable; nothing was done. Retry later.",
+        headers={"Retry-After": "5"},
+    )
 
 
 def client_ip(request: HttpRequest) -> str | None:

@@ -1,13 +1,25 @@
 """Operational endpoints: health, liveness, readiness and Prometheus metrics."""
 
 import logging
+import os
+from collections.abc import Iterator
+from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.registry import Collector
+
+from gateway_project.metrics import HeldCreditsCollector
 
 logger = logging.getLogger(__name__)
 
@@ -90,5 +102,19 @@ def readyz(request: HttpRequest) -> JsonResponse:
 
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus exposition of this process's registry."""
-    return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    """Prometheus exposition: this process's metrics (every worker's with
+    PROMETHEUS_MULTIPROC_DIR), plus the held credits read from the database."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_ProcessRegistry())
+    registry.register(HeldCreditsCollector())
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+
+class _ProcessRegistry(Collector):
+    """The default registry's metrics (ours, process and Python ones)."""
+
+    def collect(self) -> Iterator[Any]:
+        yield from REGISTRY.collect()

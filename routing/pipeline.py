@@ -9,6 +9,7 @@ cache (step 5) have their places marked; they arrive with the next issue.
 
 import asyncio
 import json
+import logging
 import random
 import time
 import uuid
@@ -31,7 +32,7 @@ from django.http import (
 from django.utils import timezone
 
 from billing.budgets import budgets_reserve
-from billing.models import Job, JobStatus, UsageSource, UsageStatus
+from billing.models import Job, JobStatus, UsageRecord, UsageSource, UsageStatus
 from billing.selectors import model_price_at
 from billing.services import (
     call_settle,
@@ -39,6 +40,7 @@ from billing.services import (
     credits_hold,
     usage_cost_micros,
 )
+from gateway_project import metrics
 from gateway_project.errors import GatewayError, NotFound
 from gateway_project.money import MICROS
 from routing import limits, providers, response_cache
@@ -51,6 +53,8 @@ from tenants.authentication import (
 )
 from tenants.key_cache import key_allowed_group_ids
 from tenants.models import BudgetMode, CacheHitCharge, VirtualKey
+
+logger = logging.getLogger(__name__)
 
 
 class ModelNotFound(GatewayError):
@@ -163,6 +167,8 @@ def _prepare(
         .prefetch_related("members__deployment__credential")
         .first()
     )
+    if group is not None:
+        request.gateway_model_group = group.group_name  # type: ignore[attr-defined]
     if group is None:
         raise ModelNotFound(
             f"The model '{body['model']}' does not exist", param="model"
@@ -332,10 +338,14 @@ async def _attempt_all(call: Call) -> tuple[Target, providers.Completion]:
 def _attempt(
     target: Target, started: float, error: ProviderError | None
 ) -> dict[str, Any]:
+    elapsed = time.monotonic() - started
     attempt: dict[str, Any] = {
         "deployment": target.deployment_name,
-        "latency_ms": int((time.monotonic() - started) * 1000),
+        "latency_ms": int(elapsed * 1000),
     }
+    metrics.UPSTREAM_SECONDS.labels(
+        target.deployment_name, error.code if error is not None else "ok"
+    ).observe(elapsed)
     if error is not None:
         attempt.update(error_code=error.code, status=error.status)
     return attempt
@@ -500,7 +510,7 @@ def _record(
         else 0
     )
     metadata = call.body.get("metadata")
-    call_settle(
+    record = call_settle(
         team=call.key.team,
         request_id=call.request_id,
         budget_reserved_micros=call.budget_reserved_micros,
@@ -540,6 +550,42 @@ def _record(
     )
     if succeeded:
         virtual_key_touch(key=call.key)
+    _count(call, record, succeeded=succeeded)
+
+
+def _count(call: Call, record: UsageRecord, *, succeeded: bool) -> None:
+    """Metrics and the log line of a settled call (after its transaction).
+    The key appears by its display prefix only; prompt text only with
+    GATEWAY_LOG_PROMPTS."""
+    group = call.group.group_name
+    line: dict[str, Any] = {
+        "team": call.key.team.team_id,
+        "key": call.key.display_prefix,
+        "model_group": group,
+        "deployment": record.provider_model,
+        "status": record.status,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "cost_micros": record.cost_micros,
+        "credits_micros": record.credits_micros,
+        "latency_ms": record.latency_ms,
+        "cached": record.cached,
+    }
+    if settings.GATEWAY_LOG_PROMPTS:
+        line["prompt"] = call.body.get("messages", call.body.get("prompt"))
+    if record.error_code:
+        line["error_code"] = record.error_code
+    logger.info("call settled", extra=line)
+    if not succeeded:
+        return
+    metrics.TOKENS.labels(group, "prompt").inc(record.prompt_tokens)
+    metrics.TOKENS.labels(group, "completion").inc(record.completion_tokens)
+    metrics.COST.labels(group).inc(record.cost_micros)
+    metrics.CREDITS.labels(group).inc(record.credits_micros)
+    if record.cached:
+        metrics.CACHE_HITS.labels(group).inc()
+    if any("error_code" in attempt for attempt in call.attempts[:-1]):
+        metrics.FALLBACKS.labels(group).inc()
 
 
 def _headers(

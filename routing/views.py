@@ -1,28 +1,54 @@
 """The OpenAI-compatible API (/v1/): thin async views over routing/pipeline.py."""
 
+import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
 
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from gateway_project import metrics
 from gateway_project.errors import GatewayError, error_response
+from gateway_project.middleware import database_unavailable
 from routing import pipeline
 
 View = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
 
+async def _measured(
+    request: HttpRequest, serve: Callable[[], Awaitable[HttpResponseBase]]
+) -> HttpResponseBase:
+    """Serve, rendering our errors in the envelope, and count the request by
+    route, status and model group (metrics.py)."""
+    started = time.monotonic()
+    try:
+        try:
+            response = await serve()
+        except (OperationalError, InterfaceError) as failure:
+            raise database_unavailable(failure) from None
+    except GatewayError as error:
+        metrics.REFUSALS.labels(error.code).inc()
+        response = error_response(error)
+    match = request.resolver_match
+    route = "/" + match.route if match is not None else request.path
+    metrics.REQUEST_SECONDS.labels(route).observe(time.monotonic() - started)
+    metrics.REQUESTS.labels(
+        route,
+        str(response.status_code),
+        getattr(request, "gateway_model_group", ""),
+    ).inc()
+    return response
+
+
 def openai_view(view: View) -> Any:
-    """Render our errors in the envelope; no CSRF (keys, not cookies)."""
+    """Our envelope and metrics; no CSRF (keys, not cookies)."""
 
     @wraps(view)
     async def wrapped(request: HttpRequest) -> HttpResponseBase:
-        try:
-            return await view(request)
-        except GatewayError as error:
-            return error_response(error)
+        return await _measured(request, lambda: view(request))
 
     return csrf_exempt(wrapped)
 
@@ -66,10 +92,7 @@ def _job_view(
             return error_response(
                 GatewayError("Use POST", code="method_not_allowed", http_status=405)
             )
-        try:
-            return await function(request, job_id)
-        except GatewayError as error:
-            return error_response(error)
+        return await _measured(request, lambda: function(request, job_id))
 
     view.http_methods = ("post",)  # type: ignore[attr-defined]
     return csrf_exempt(view)

@@ -207,6 +207,7 @@ def test_redis_stopped_mid_test(team, tmp_path):
         virtual_key_revoke(key=revoked_key)  # its invalidation cannot reach them
         revoked_call = _chat(fail_open.url, revoked_plaintext)
         open_ready, closed_ready = _ready(fail_open.url), _ready(fail_closed.url)
+        scraped = httpx.get(f"{fail_open.url}/metrics", timeout=30)
 
         assert open_call.status_code == 200, open_call.text
         assert (closed_call.status_code, closed_call.json()["error"]["code"]) == (
@@ -230,6 +231,8 @@ def test_redis_stopped_mid_test(team, tmp_path):
             503,
             "not_ready",
         )
+        assert scraped.status_code == 200
+        assert "gateway_held_credits_micros" in scraped.text
 
         own_redis.start()
         recovered = _chat(fail_closed.url, plaintext)
@@ -269,6 +272,7 @@ def test_database_stopped_mid_test(team, tmp_path):
                 timeout=30,
             )
             ready, alive = _ready(server.url), httpx.get(f"{server.url}/healthz")
+            scraped = httpx.get(f"{server.url}/metrics", timeout=30)
 
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"]["code"] == "service_unavailable"
@@ -283,6 +287,13 @@ def test_database_stopped_mid_test(team, tmp_path):
                 "down",
             )
             assert alive.status_code == 200
+            # Metrics still answer; what is read from the database is left out.
+            assert scraped.status_code == 200
+            assert 'gateway_refusals_total{code="service_unavailable"} 1.0' in (
+                scraped.text
+            )
+            assert "gateway_requests_total" in scraped.text
+            assert "gateway_held_credits_micros" not in scraped.text
 
             own_database.start()
             after = _chat(server.url, plaintext)

@@ -69,6 +69,7 @@ def test_readiness_is_503_when_redis_is_down_and_limits_fail_closed(client, sett
     assert response.json()["checks"]["cache"] == "down"
 
 
+@pytest.mark.django_db
 def test_metrics_are_prometheus_text(client):
     response = client.get("/metrics")
 
