@@ -292,3 +292,170 @@ def model_group_delete(
             f"Model group '{group.group_name}' has usage history; disable it instead",
             code="model_group_has_usage",
         ) from None
+
+
+# --- updates (first used by the LiteLLM config import) -------------------------
+
+
+def _changed_fields(
+    instance: Any, changes: dict[str, Any], *, allowed: set[str]
+) -> dict[str, list[Any]]:
+    unknown = sorted(set(changes) - allowed)
+    if unknown:
+        raise GatewayError(f"Unknown field: {unknown[0]}", param=unknown[0])
+    return {
+        field: [getattr(instance, field), value]
+        for field, value in changes.items()
+        if getattr(instance, field) != value
+    }
+
+
+def provider_credential_update(
+    *,
+    credential: ProviderCredential,
+    changes: dict[str, Any],
+    api_key: str | None = None,
+    actor: User | None = None,
+    actor_label: str = "",
+) -> ProviderCredential:
+    """Change provider, api_base or extra, and replace the key when one is given.
+
+    Audited with the key's hint only; writes nothing when nothing changes.
+    Raises GatewayError for any other field.
+    """
+    recorded = _changed_fields(
+        credential, changes, allowed={"provider", "api_base", "extra"}
+    )
+    for field, (_, value) in recorded.items():
+        setattr(credential, field, value)
+    if api_key is not None:
+        hint_before = credential.api_key_hint
+        credential.set_api_key(api_key)
+        recorded["api_key"] = [hint_before, credential.api_key_hint]
+    if recorded:
+        with transaction.atomic():
+            credential.save()
+            audit_log_record(
+                actor=actor,
+                actor_label=actor_label,
+                action="credential.update",
+                resource_type="provider_credential",
+                resource_id=credential.name,
+                details=recorded,
+            )
+    return credential
+
+
+def deployment_update(
+    *,
+    deployment: Deployment,
+    changes: dict[str, Any],
+    actor: User | None = None,
+    actor_label: str = "",
+) -> Deployment:
+    """Change a deployment's model, credential, litellm_params, timeout, limits
+    or status; audited (the credential by name); writes nothing when nothing
+    changes. Raises GatewayError for any other field."""
+    recorded = _changed_fields(
+        deployment,
+        changes,
+        allowed={
+            "model",
+            "credential",
+            "litellm_params",
+            "timeout_ms",
+            "rpm_limit",
+            "tpm_limit",
+            "status",
+        },
+    )
+    if not recorded:
+        return deployment
+    for field, (_, value) in recorded.items():
+        setattr(deployment, field, value)
+    if "credential" in recorded:
+        recorded["credential"] = [
+            credential.name if credential else None
+            for credential in recorded["credential"]
+        ]
+    with transaction.atomic():
+        deployment.save()
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action="deployment.update",
+            resource_type="deployment",
+            resource_id=deployment.name,
+            details=recorded,
+        )
+    return deployment
+
+
+def model_group_members_set(
+    *,
+    group: ModelGroup,
+    members: Sequence[tuple[Deployment, int, int]],
+    actor: User | None = None,
+    actor_label: str = "",
+) -> ModelGroup:
+    """Make the group's members exactly these (deployment, priority, weight).
+
+    Rows already right are kept; audited as ``model_group.replace_models``;
+    writes nothing when nothing changes. Raises GatewayError for a deployment
+    listed twice.
+    """
+    wanted = {deployment.pk: (deployment, p, w) for deployment, p, w in members}
+    if len(wanted) != len(members):
+        raise GatewayError("A deployment is listed more than once", param="models")
+    with transaction.atomic():
+        current = {
+            member.deployment_id: member
+            for member in group.members.select_related("deployment").order_by(
+                "priority", "id"
+            )
+        }
+        before = [
+            {
+                "model_name": m.deployment.name,
+                "priority": m.priority,
+                "weight": m.weight,
+            }
+            for m in current.values()
+        ]
+        removed = [m.pk for pk, m in current.items() if pk not in wanted]
+        updated, added = [], []
+        for pk, (deployment, priority, weight) in wanted.items():
+            member = current.get(pk)
+            if member is None:
+                added.append(
+                    ModelGroupMember(
+                        model_group=group,
+                        deployment=deployment,
+                        priority=priority,
+                        weight=weight,
+                    )
+                )
+            elif (member.priority, member.weight) != (priority, weight):
+                member.priority, member.weight = priority, weight
+                updated.append(member)
+        if not (removed or updated or added):
+            return group
+        ModelGroupMember.objects.filter(pk__in=removed).delete()
+        ModelGroupMember.objects.bulk_update(updated, ["priority", "weight"])
+        ModelGroupMember.objects.bulk_create(added)
+        group.save(update_fields=["updated_at"])
+        audit_log_record(
+            actor=actor,
+            actor_label=actor_label,
+            action="model_group.replace_models",
+            resource_type="model_group",
+            resource_id=group.group_name,
+            details={
+                "before": before,
+                "after": [
+                    {"model_name": d.name, "priority": p, "weight": w}
+                    for d, p, w in members
+                ],
+            },
+        )
+    return group
