@@ -91,6 +91,12 @@ class _Totals:
         self.histogram.update(histogram)
 
 
+def fell_back(attempts: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a call tried more than one deployment (skipped ones aside):
+    ``fallbacks_tried`` lists every attempt, the one that served included."""
+    return sum(1 for attempt in attempts if "skipped" not in attempt) > 1
+
+
 def latency_bucket(latency_ms: int) -> int:
     """The upper bound of the bucket holding a latency."""
     return LATENCY_BUCKETS_MS[
@@ -253,7 +259,7 @@ def _totals_of_records(start: datetime) -> dict[Grain, _Totals]:
                 int(success),
                 int(not success),
                 int(cached),
-                int(bool(fallbacks)),
+                int(fell_back(fallbacks)),
                 *tokens_and_money,
                 latency,
             ),

@@ -5,6 +5,7 @@ from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from accounts.api.views import UserListCreateApi
+from billing.api import analytics as analytics_api
 from billing.api import jobs as jobs_api
 from billing.api import views as billing_api
 from gateway_project import ops
@@ -60,6 +61,18 @@ api_urls = [
         "credits/teams/<str:team_id>/auto-refill", billing_api.AutoRefillApi.as_view()
     ),
     path("stats/dashboard", routing_api.DashboardApi.as_view()),
+    path("usage/summary", analytics_api.UsageSummaryApi.as_view()),
+    path(
+        "usage/by-model-group",
+        analytics_api.UsageBreakdownApi.as_view(report="by-model-group"),
+    ),
+    path(
+        "usage/by-deployment",
+        analytics_api.UsageBreakdownApi.as_view(report="by-deployment"),
+    ),
+    path("usage/by-key", analytics_api.UsageBreakdownApi.as_view(report="by-key")),
+    path("usage/series", analytics_api.UsageSeriesApi.as_view()),
+    path("usage/export.csv", analytics_api.UsageExportApi.as_view()),
     path("jobs/create", jobs_api.JobCreateApi.as_view()),
     path("jobs/<str:job_id>", jobs_api.JobDetailApi.as_view()),
     path("jobs/<str:job_id>/costs", jobs_api.JobCostsApi.as_view()),

@@ -33,6 +33,7 @@ from django.utils import timezone
 
 from billing.budgets import budgets_reserve
 from billing.models import Job, JobStatus, UsageRecord, UsageSource, UsageStatus
+from billing.rollups import fell_back
 from billing.selectors import model_price_at
 from billing.services import (
     call_settle,
@@ -584,7 +585,7 @@ def _count(call: Call, record: UsageRecord, *, succeeded: bool) -> None:
     metrics.CREDITS.labels(group).inc(record.credits_micros)
     if record.cached:
         metrics.CACHE_HITS.labels(group).inc()
-    if any("error_code" in attempt for attempt in call.attempts[:-1]):
+    if fell_back(call.attempts):
         metrics.FALLBACKS.labels(group).inc()
 
 

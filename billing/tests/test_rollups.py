@@ -48,7 +48,12 @@ SUMS = (
     "credits_micros",
     "latency_sum_ms",
 )
-FALLBACK = [{"deployment": "mock-z", "error_code": "rate_limited", "latency_ms": 9}]
+# A deployment failed, the next one served: the call fell back.
+FALLBACK = [
+    {"deployment": "mock-z", "error_code": "rate_limited", "latency_ms": 9},
+    {"deployment": "mock-a", "latency_ms": 40},
+]
+SERVED = [{"deployment": "mock-a", "latency_ms": 40}]
 
 
 def _record(team, request_id, at, **fields):
@@ -100,7 +105,7 @@ def _mixed_records(team, deployment, model_group):
             deployment=rng.choice([deployment, None]),
             status=rng.choice(list(UsageStatus)),
             cached=rng.random() < 0.2,
-            fallbacks_tried=FALLBACK if rng.random() < 0.3 else [],
+            fallbacks_tried=FALLBACK if rng.random() < 0.3 else SERVED,
             prompt_tokens=prompt,
             completion_tokens=completion,
             cost_micros=rng.randint(0, 10**7),
@@ -121,7 +126,7 @@ def _raw_totals(key):
             int(success),
             int(not success),
             int(r.cached),
-            int(bool(r.fallbacks_tried)),
+            int(len(r.fallbacks_tried) > 1),
             r.prompt_tokens,
             r.completion_tokens,
             r.total_tokens,

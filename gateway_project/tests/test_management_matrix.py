@@ -163,6 +163,37 @@ ENDPOINTS = [
     ),
     # dashboard
     ("dashboard", "get", "/api/stats/dashboard", None, READ),
+    # usage analytics: a team key reads its own team's only (key_b asks for team_a)
+    ("usage summary", "get", "/api/usage/summary?team_id=team_a", None, TENANT),
+    (
+        "usage by model group",
+        "get",
+        "/api/usage/by-model-group?team_id=team_a",
+        None,
+        TENANT,
+    ),
+    (
+        "usage by deployment",
+        "get",
+        "/api/usage/by-deployment?team_id=team_a",
+        None,
+        TENANT,
+    ),
+    ("usage by key", "get", "/api/usage/by-key?team_id=team_a", None, TENANT),
+    (
+        "usage series",
+        "get",
+        "/api/usage/series?team_id=team_a&granularity=day",
+        None,
+        TENANT,
+    ),
+    (
+        "usage export",
+        "get",
+        "/api/usage/export.csv?team_id=team_a&report=by-key",
+        None,
+        TENANT,
+    ),
 ]
 
 
