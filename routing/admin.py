@@ -1,12 +1,15 @@
 from typing import Any
 
 from django import forms
-from django.contrib import admin
-from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import Count, Prefetch, QuerySet
+from django.http import HttpRequest, HttpResponse
 
-from accounts.admin_base import AuditedAdmin
+from accounts.admin_base import AuditedAdmin, ObjectAction, operator
+from gateway_project.middleware import client_ip
 from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCredential
+from routing.services import deployment_test
 
 
 class ProviderCredentialForm(forms.ModelForm):
@@ -26,6 +29,14 @@ class ProviderCredentialForm(forms.ModelForm):
     class Meta:
         model = ProviderCredential
         fields = ("name", "provider", "api_base", "extra")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.api_key_hint:
+            self.fields["api_key"].help_text = (
+                f"The current key ends {self.instance.api_key_hint} and is stored "
+                "encrypted. Leave blank to keep it."
+            )
 
     def save(self, commit: bool = True) -> ProviderCredential:
         credential = super().save(commit=False)
@@ -94,14 +105,48 @@ class DeploymentAdmin(AuditedAdmin):
     search_fields = ("name", "model")
     list_select_related = ("credential",)
     readonly_fields = ("created_at", "updated_at")
+    actions = ["test_deployments"]
+
+    def get_object_actions(self, request: HttpRequest, obj: Any) -> list[ObjectAction]:
+        return [ObjectAction("Test", action="test_deployments")]
+
+    @admin.action(
+        description="Test selected deployments (one tiny call each)",
+        permissions=["change"],
+    )
+    def test_deployments(
+        self, request: HttpRequest, queryset: QuerySet[Deployment]
+    ) -> HttpResponse | None:
+        for deployment in queryset.select_related("credential").order_by("name"):
+            result = deployment_test(
+                deployment=deployment,
+                actor=operator(request),
+                ip_address=client_ip(request),
+            )
+            self.message_user(
+                request,
+                f"Deployment {deployment.name} {result.summary} in "
+                f"{result.latency_ms} ms.",
+                messages.SUCCESS if result.succeeded else messages.ERROR,
+            )
+        return self.action_done(request)
 
 
 class ModelGroupMemberInline(admin.TabularInline):
+    """Members and their priorities, edited in place on the group's page."""
+
     model = ModelGroupMember
     fields = ("deployment", "priority", "weight")
     autocomplete_fields = ("deployment",)
     extra = 1
     ordering = ("priority", "id")
+
+
+def _members(group: ModelGroup) -> list[dict[str, Any]]:
+    return [
+        {"deployment": m.deployment.name, "priority": m.priority, "weight": m.weight}
+        for m in group.members.select_related("deployment").order_by("priority", "id")
+    ]
 
 
 @admin.register(ModelGroup)
@@ -112,6 +157,7 @@ class ModelGroupAdmin(AuditedAdmin):
         "display_name",
         "status",
         "member_count",
+        "member_order",
         "updated_at",
     )
     list_filter = ("status",)
@@ -120,8 +166,39 @@ class ModelGroupAdmin(AuditedAdmin):
     fields = ("group_name", "display_name", "description", "status")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ModelGroup]:
-        return super().get_queryset(request).annotate(member_count=Count("members"))
+        members = ModelGroupMember.objects.select_related("deployment").order_by(
+            "priority", "id"
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(member_count=Count("members"))
+            .prefetch_related(Prefetch("members", queryset=members))
+        )
 
     @admin.display(ordering="member_count", description="deployments")
     def member_count(self, obj: Any) -> int:
         return obj.member_count
+
+    @admin.display(description="priority order")
+    def member_order(self, obj: ModelGroup) -> str:
+        return ", ".join(
+            f"{m.deployment.name} ({m.priority})" for m in obj.members.all()
+        )
+
+    def save_related(
+        self, request: HttpRequest, form: Any, formsets: Any, change: bool
+    ) -> None:
+        # Members edited inline are audited as one before/after, like
+        # model_group_replace_models does for the API.
+        with transaction.atomic():
+            before = _members(form.instance) if change else []
+            super().save_related(request, form, formsets, change)
+            after = _members(form.instance)
+            if before != after:
+                self._audit(
+                    request,
+                    "members",
+                    form.instance,
+                    {"before": before, "after": after},
+                )

@@ -1,14 +1,18 @@
 """Writes of the routing app: credentials, deployments, model groups."""
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 
 from accounts.models import User
 from accounts.services import audit_log_record, changes_apply
 from gateway_project.errors import AlreadyExists, GatewayError
+from routing import providers
 from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCredential
 from routing.providers import catalog_model
 
@@ -459,3 +463,75 @@ def model_group_members_set(
             },
         )
     return group
+
+
+# The smallest useful call: a few tokens, billed by the provider, never to a team.
+TEST_PROMPT = "Reply with the word OK."
+TEST_MAX_TOKENS = 5
+
+
+@dataclass(frozen=True)
+class DeploymentTestResult:
+    succeeded: bool
+    summary: str
+    latency_ms: int
+
+
+def deployment_test(
+    *, deployment: Deployment, actor: User, ip_address: str | None
+) -> DeploymentTestResult:
+    """Make one tiny call to a deployment, as it is configured, and report.
+
+    Not billed to any team and not a usage record (the operator's call); audited
+    as ``deployment.test``. Never raises for the provider's failures.
+    """
+    target = providers.target_for(deployment)
+    catalog = providers.catalog_model(deployment.model) or providers.catalog_model(
+        deployment.model.split("/", 1)[-1]
+    )
+    embedding = catalog is not None and catalog.mode == "embedding"
+    body: dict[str, Any] = (
+        {"input": TEST_PROMPT}
+        if embedding
+        else {
+            "messages": [{"role": "user", "content": TEST_PROMPT}],
+            "max_tokens": TEST_MAX_TOKENS,
+        }
+    )
+    started = time.monotonic_ns()
+    if not target.available:
+        succeeded, summary = False, "no credential, API base or mock response"
+    else:
+        try:
+            completion = async_to_sync(providers.call)(
+                target, "embedding" if embedding else "chat", body
+            )
+        except providers.ProviderError as error:
+            succeeded = False
+            summary = f"failed with {error.code} ({error.status}): {error.message}"
+        else:
+            succeeded = True
+            choices = completion.body.get("choices") or [{}]
+            answer = str((choices[0].get("message") or {}).get("content") or "")
+            summary = (
+                f"answered {answer[:80]!r} "
+                if not embedding
+                else "returned an embedding "
+            ) + (
+                f"({completion.prompt_tokens} prompt + "
+                f"{completion.completion_tokens} completion tokens)"
+            )
+    latency_ms = (time.monotonic_ns() - started) // 1_000_000
+    audit_log_record(
+        actor=actor,
+        action="deployment.test",
+        resource_type="deployment",
+        resource_id=deployment.name,
+        details={
+            "succeeded": succeeded,
+            "latency_ms": latency_ms,
+            "summary": summary[:500],
+        },
+        ip_address=ip_address,
+    )
+    return DeploymentTestResult(succeeded, summary, latency_ms)

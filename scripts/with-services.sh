@@ -4,7 +4,7 @@
 # Usage: scripts/with-services.sh <command> [args...]
 #
 #   1. Installs what is missing from Debian's packages (as root only):
-#      postgresql, redis-server, chromium + chromium-driver, docker-compose.
+#      postgresql, redis-server, chromium, docker-compose.
 #   2. Starts a fresh PostgreSQL cluster (initdb in a mktemp -d directory) and
 #      a redis-server, each on its own free port on 127.0.0.1.
 #   3. Runs the command with these exported:
@@ -62,8 +62,8 @@ missing_packages() {
     local pkgs=()
     [[ -n "$(find_pg_bin)" ]] || pkgs+=(postgresql)
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null || pkgs+=(redis-server)
-    # Browser for the admin browser tests (Selenium + chromedriver).
-    [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] || pkgs+=(chromium chromium-driver)
+    # Browser for the admin browser tests (Playwright drives Debian's Chromium).
+    [[ -x /usr/bin/chromium ]] || pkgs+=(chromium)
     # For the test that validates docker-compose.yml (no engine is needed).
     command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 \
         || pkgs+=(docker-compose)

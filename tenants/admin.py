@@ -1,18 +1,32 @@
-from typing import Any, cast
+import uuid
+from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from accounts.admin_base import AuditedAdmin, format_micros
-from accounts.models import User
+from accounts.admin_base import (
+    AuditedAdmin,
+    Confirmation,
+    ObjectAction,
+    format_micros,
+    operator,
+)
+from gateway_project.errors import GatewayError
 from gateway_project.middleware import client_ip
 from tenants.key_cache import key_cache_invalidate_on_commit
-from tenants.models import Organization, Team, VirtualKey
-from tenants.services import virtual_key_issue, virtual_key_revoke
+from tenants.models import KeyStatus, Organization, Status, Team, VirtualKey
+from tenants.services import (
+    MAX_GRACE_SECONDS,
+    key_state,
+    team_update,
+    virtual_key_issue,
+    virtual_key_revoke,
+    virtual_key_rotate,
+)
 
 
 class KeyCacheAdmin(AuditedAdmin):
@@ -112,7 +126,11 @@ class TeamAdmin(KeyCacheAdmin):
     list_select_related = ("organization", "credit_account")
     filter_horizontal = ("model_groups",)
     inlines = [VirtualKeyInline]
+    actions = ["suspend_teams", "resume_teams"]
     readonly_fields = (
+        # Suspend and resume are actions, through team_update (audited, and
+        # the key cache invalidated), never a bare field edit.
+        "status",
         "credits",
         "recent_ledger",
         "budget_window_start",
@@ -183,6 +201,62 @@ class TeamAdmin(KeyCacheAdmin):
         ),
     ]
 
+    def get_object_actions(self, request: HttpRequest, obj: Any) -> list[ObjectAction]:
+        actions = []
+        if obj.status == Status.ACTIVE:
+            actions.append(ObjectAction("Suspend", action="suspend_teams", danger=True))
+        if obj.status == Status.SUSPENDED:
+            actions.append(ObjectAction("Resume", action="resume_teams"))
+        if obj.status != Status.DELETED:
+            add_key = reverse("admin:tenants_virtualkey_add") + f"?team={obj.pk}"
+            actions.append(ObjectAction("Issue a key", url=add_key))
+        return actions
+
+    def _set_status(
+        self, request: HttpRequest, teams: QuerySet[Team], *, before: str, after: str
+    ) -> list[str]:
+        changed = []
+        for team in teams.filter(status=before).order_by("team_id"):
+            team_update(team=team, changes={"status": after}, actor=operator(request))
+            changed.append(team.team_id)
+        return changed
+
+    @admin.action(description="Suspend selected teams", permissions=["change"])
+    def suspend_teams(
+        self, request: HttpRequest, queryset: QuerySet[Team]
+    ) -> HttpResponse | None:
+        confirmed = self.confirm(
+            request,
+            queryset,
+            Confirmation(
+                title="Suspend teams",
+                question="Suspend these teams? Their keys stop working at once, "
+                "until the team is resumed.",
+                button="Yes, suspend",
+            ),
+        )
+        if not isinstance(confirmed, dict):
+            return confirmed
+        suspended = self._set_status(
+            request, queryset, before=Status.ACTIVE, after=Status.SUSPENDED
+        )
+        self.message_user(
+            request, f"Suspended {len(suspended)} team(s): {', '.join(suspended)}."
+        )
+        return self.action_done(request)
+
+    @admin.action(description="Resume selected teams", permissions=["change"])
+    def resume_teams(
+        self, request: HttpRequest, queryset: QuerySet[Team]
+    ) -> HttpResponse | None:
+        resumed = self._set_status(
+            request, queryset, before=Status.SUSPENDED, after=Status.ACTIVE
+        )
+        self.message_user(
+            request, f"Resumed {len(resumed)} team(s): {', '.join(resumed)}."
+        )
+        return self.action_done(request)
+
     @admin.display(ordering="credit_account__balance_micros", description="credits")
     def credit_balance(self, obj: Team) -> str:
         account = getattr(obj, "credit_account", None)
@@ -241,6 +315,22 @@ class VirtualKeyAddForm(forms.ModelForm):
         fields = ("team", "alias", "expires_at")
 
 
+class KeyRotateForm(forms.Form):
+    grace_seconds = forms.IntegerField(
+        min_value=0,
+        max_value=MAX_GRACE_SECONDS,
+        initial=3600,
+        label="Grace period (seconds)",
+        help_text="How long the old key keeps working next to the new one.",
+    )
+    # One rotation per confirmation page: a resubmitted form returns the same
+    # successor instead of rotating twice.
+    token = forms.CharField(widget=forms.HiddenInput, max_length=64)
+
+
+SHOW_ONCE = "Copy the new key now, it will not be shown again: {}"
+
+
 @admin.register(VirtualKey)
 class VirtualKeyAdmin(KeyCacheAdmin):
     audit_resource_type = "virtual_key"
@@ -257,7 +347,7 @@ class VirtualKeyAdmin(KeyCacheAdmin):
     search_fields = ("display_prefix", "alias", "team__team_id")
     list_select_related = ("team",)
     filter_horizontal = ("allowed_model_groups",)
-    actions = ["revoke_keys"]
+    actions = ["rotate_keys", "revoke_keys"]
     readonly_fields = (
         "display_prefix",
         "team",
@@ -344,22 +434,86 @@ class VirtualKeyAdmin(KeyCacheAdmin):
             team=form.cleaned_data["team"],
             alias=form.cleaned_data["alias"],
             expires_at=form.cleaned_data["expires_at"],
-            actor=cast(User, request.user),
+            actor=operator(request),
         )
         # The admin goes on with `obj` (messages, redirect): make it the issued row.
         obj.pk = key.pk
         obj.refresh_from_db()
         obj._state.adding = False
-        messages.warning(
-            request, f"Copy the new key now, it will not be shown again: {plaintext}"
+        messages.warning(request, SHOW_ONCE.format(plaintext))
+
+    def get_object_actions(self, request: HttpRequest, obj: Any) -> list[ObjectAction]:
+        actions = []
+        if key_state(obj) == "valid" and obj.grace_until is None:
+            actions.append(ObjectAction("Rotate", action="rotate_keys"))
+        if obj.status != KeyStatus.REVOKED:
+            actions.append(ObjectAction("Revoke", action="revoke_keys", danger=True))
+        return actions
+
+    @admin.action(description="Rotate selected keys", permissions=["change"])
+    def rotate_keys(
+        self, request: HttpRequest, queryset: QuerySet[VirtualKey]
+    ) -> HttpResponse | None:
+        confirmed = self.confirm(
+            request,
+            queryset,
+            Confirmation(
+                title="Rotate keys",
+                question="Issue a new secret for these keys? Each new key is "
+                "shown once; the old one stops working after the grace period.",
+                button="Yes, rotate",
+                form_class=KeyRotateForm,
+            ),
+            initial={"token": uuid.uuid4().hex},
         )
+        if not isinstance(confirmed, dict):
+            return confirmed
+        for key in queryset.select_related("team").order_by("pk"):
+            try:
+                successor, plaintext = virtual_key_rotate(
+                    key=key,
+                    grace_seconds=confirmed["grace_seconds"],
+                    idempotency_key=f"admin:{confirmed['token']}",
+                    actor=operator(request),
+                )
+            except GatewayError as error:
+                self.message_user(
+                    request,
+                    f"Key {key.display_prefix} was not rotated: {error.message}",
+                    messages.ERROR,
+                )
+                continue
+            messages.warning(
+                request,
+                f"Rotated {key.display_prefix} to {successor.display_prefix}. "
+                + SHOW_ONCE.format(plaintext),
+            )
+        return self.action_done(request)
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
-    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[VirtualKey]) -> None:
-        count = 0
-        for key in queryset:
+    def revoke_keys(
+        self, request: HttpRequest, queryset: QuerySet[VirtualKey]
+    ) -> HttpResponse | None:
+        confirmed = self.confirm(
+            request,
+            queryset,
+            Confirmation(
+                title="Revoke keys",
+                question="Revoke these keys? They stop working at once, on every "
+                "instance, and cannot be brought back.",
+                button="Yes, revoke",
+            ),
+        )
+        if not isinstance(confirmed, dict):
+            return confirmed
+        revoked = [
+            key.display_prefix
+            for key in queryset.select_related("team").order_by("pk")
             if virtual_key_revoke(
-                key=key, actor=cast(User, request.user), ip_address=client_ip(request)
-            ):
-                count += 1
-        self.message_user(request, f"Revoked {count} key(s).")
+                key=key, actor=operator(request), ip_address=client_ip(request)
+            )
+        ]
+        self.message_user(
+            request, f"Revoked {len(revoked)} key(s): {', '.join(revoked)}."
+        )
+        return self.action_done(request)

@@ -148,3 +148,68 @@ def test_audit_entries_cannot_be_changed_or_deleted_in_the_admin(
 
     assert (delete.status_code, change.status_code) == (403, 403)
     assert AuditLogEntry.objects.get().action == "user.update"
+
+
+# --- operator actions: the role decides, the read-only role changes nothing ------
+
+ACTIONS = [
+    ("tenants_team", "suspend_teams", "team", 200),
+    ("tenants_team", "resume_teams", "team", 302),
+    ("tenants_team", "add_credits", "team", 200),
+    ("tenants_team", "reconcile_credits", "team", 302),
+    ("tenants_virtualkey", "rotate_keys", "key", 200),
+    ("tenants_virtualkey", "revoke_keys", "key", 200),
+    ("routing_deployment", "test_deployments", "deployment", 302),
+    ("billing_creditaccount", "reconcile_accounts", "account", 302),
+]
+
+
+def _world(team) -> dict:
+    from billing.models import CreditAccount
+    from tenants.services import virtual_key_issue
+
+    key, _ = virtual_key_issue(team=team, alias="roles")
+    return {
+        "team": team,
+        "key": key,
+        "deployment": team.model_groups.get().deployments.get(),
+        "account": CreditAccount.objects.get(team=team),
+    }
+
+
+def _snapshot(world: dict) -> tuple:
+    from billing.models import LedgerEntry
+    from tenants.models import VirtualKey
+
+    return (
+        AuditLogEntry.objects.count(),
+        LedgerEntry.objects.count(),
+        type(world["team"]).objects.get(pk=world["team"].pk).status,
+        list(VirtualKey.objects.order_by("pk").values_list("status", "grace_until")),
+    )
+
+
+@pytest.mark.parametrize("confirmed", [False, True], ids=["asked", "confirmed"])
+@pytest.mark.parametrize(
+    ("model", "action", "target", "allowed_status"),
+    ACTIONS,
+    ids=[action for _, action, _, _ in ACTIONS],
+)
+@pytest.mark.parametrize("role", [Role.OWNER, Role.ADMIN, Role.USER])
+def test_operator_actions_by_role(
+    team, role, model, action, target, allowed_status, confirmed
+):
+    world = _world(team)
+    actor = make_operator(f"{role}@example.com", role)
+    before = _snapshot(world)
+    data = {"action": action, "_selected_action": [world[target].pk]}
+    if confirmed:
+        data |= {"post": "yes", "credits": "1", "grace_seconds": "0", "token": "t1"}
+
+    response = _client(actor).post(reverse(f"admin:{model}_changelist"), data)
+
+    if role == Role.USER:
+        assert response.status_code == 403
+        assert _snapshot(world) == before
+    else:
+        assert response.status_code == (302 if confirmed else allowed_status)

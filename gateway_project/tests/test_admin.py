@@ -1,6 +1,7 @@
 """Every admin screen renders for an owner, redirects strangers, leaks no secret."""
 
 import io
+import re
 from datetime import timedelta
 
 import pytest
@@ -116,6 +117,33 @@ def test_change_page_renders_for_an_owner(owner_client, seeded, model):
     assert response.status_code == 200
 
 
+def test_dashboard_renders_for_an_owner_with_every_chart(owner_client, seeded):
+    response = owner_client.get(reverse("admin:dashboard"), {"period": "30d"})
+
+    assert response.status_code == 200
+    assert response.context["title"] == "Dashboard"
+    assert [caption for caption, _ in response.context["charts"]] == [
+        "Requests",
+        "Tokens",
+        "Cost (USD)",
+        "Credits charged",
+        "Error and cache-hit rate",
+        "Requests that fell back",
+    ]
+    assert [caption for caption, _ in response.context["tops"]] == [
+        "Top teams by cost",
+        "Top model groups by cost",
+    ]
+    html = response.content.decode()
+    assert (
+        html.count('<svg xmlns="http://www.w3.org/2000/svg" class="gateway-chart') == 8
+    )
+    # No asset from anywhere but this server: users run it on closed networks.
+    assert not [
+        url for url in re.findall(r'(?:src|href)="([^"]+)"', html) if "//" in url
+    ]
+
+
 @pytest.mark.parametrize("model", MODELS, ids=IDS)
 def test_anonymous_is_sent_to_login(client, model):
     url = _url(model, "changelist")
@@ -138,7 +166,8 @@ def test_no_secret_appears_in_any_admin_page(owner_client, seeded):
         "provider key ciphertext": credential.api_key_encrypted,
         "password hash": owner.password.split("$")[-1],
     }
-    pages = [_url(model, "changelist") for model in MODELS]
+    pages = [reverse("admin:index"), reverse("admin:dashboard")]
+    pages += [_url(model, "changelist") for model in MODELS]
     pages += [
         _url(model, "change", obj.pk)
         for model in MODELS
