@@ -171,9 +171,17 @@ def _stop_server(server: RunningServer) -> None:
 
 
 @pytest.fixture
-def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningServer]:
+def server_env() -> dict[str, str]:
+    """Extra environment of the servers below; a module may override it."""
+    return {}
+
+
+@pytest.fixture
+def running_server(
+    transactional_db: None, tmp_path: Path, server_env: dict[str, str]
+) -> Iterator[RunningServer]:
     """The production stack serving the test database over real HTTP."""
-    server = _start_server(tmp_path, "server")
+    server = _start_server(tmp_path, "server", server_env)
     yield server
     _stop_server(server)
     # The server's connections must be gone before the test database is flushed.
@@ -182,10 +190,10 @@ def running_server(transactional_db: None, tmp_path: Path) -> Iterator[RunningSe
 
 @pytest.fixture
 def two_servers(
-    transactional_db: None, tmp_path: Path
+    transactional_db: None, tmp_path: Path, server_env: dict[str, str]
 ) -> Iterator[list[RunningServer]]:
     """Two gateway processes sharing the test database and Redis."""
-    servers = [_start_server(tmp_path, f"server-{n}") for n in (1, 2)]
+    servers = [_start_server(tmp_path, f"server-{n}", server_env) for n in (1, 2)]
     yield servers
     for server in servers:
         _stop_server(server)

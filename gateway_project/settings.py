@@ -238,6 +238,9 @@ GATEWAY_FALLBACK_PRICE = env_price_pair("GATEWAY_FALLBACK_PRICE_PER_MILLION")
 # Rate limits live in Redis; when it cannot be reached, admit (fail-open) or
 # refuse with 503 (fail-closed). /readyz reports Redis either way.
 GATEWAY_RATE_LIMIT_FAIL_OPEN = env_bool("GATEWAY_RATE_LIMIT_FAIL_OPEN", True)
+# Serve deployments whose provider speaks OpenAI's protocol with the lean
+# pass-through adapter (routing/passthrough.py) instead of litellm.
+GATEWAY_PASSTHROUGH = env_bool("GATEWAY_PASSTHROUGH", True)
 # Login throttling (accounts/throttle.py): failures allowed per window.
 LOGIN_FAILURES_PER_EMAIL = env_int("LOGIN_FAILURES_PER_EMAIL", 5, minimum=1)
 LOGIN_FAILURES_PER_IP = env_int("LOGIN_FAILURES_PER_IP", 20, minimum=1)

@@ -17,6 +17,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from routing import passthrough
+
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
 _MODEL_MAP_FILE = "model_prices_and_context_window_backup.json"
@@ -139,6 +141,9 @@ class Target:
     timeout_seconds: float
     rpm_limit: int | None = None
     tpm_limit: int | None = None
+    # "passthrough" (routing/passthrough.py) for providers that speak OpenAI's
+    # protocol, else "litellm".
+    adapter: str = "litellm"
 
     @property
     def available(self) -> bool:
@@ -164,7 +169,13 @@ def target_for(deployment: Any) -> Target:
         api_key = decrypt_text(credential.api_key_encrypted)
     if credential is not None:
         params = {**credential.extra, **params}
+    from django.conf import settings
+
+    lean = settings.GATEWAY_PASSTHROUGH and passthrough.eligible(
+        deployment.model, api_base, params
+    )
     return Target(
+        adapter="passthrough" if lean else "litellm",
         deployment_id=deployment.pk,
         deployment_name=deployment.name,
         model=deployment.model,
@@ -185,9 +196,15 @@ def _litellm() -> Any:
     return litellm
 
 
-def _arguments(target: Target, body: dict[str, Any]) -> dict[str, Any]:
+def _forwarded(target: Target, body: dict[str, Any]) -> dict[str, Any]:
+    """The request's OpenAI fields, with the deployment's own parameters."""
     arguments = {key: value for key, value in body.items() if key in _FORWARDED}
     arguments.update(target.params)
+    return arguments
+
+
+def _arguments(target: Target, body: dict[str, Any]) -> dict[str, Any]:
+    arguments = _forwarded(target, body)
     # No retries inside litellm or its openai client: fallback is ours.
     arguments.update(
         model=target.model, timeout=target.timeout_seconds, num_retries=0, max_retries=0
@@ -252,21 +269,25 @@ async def call(target: Target, kind: str, body: dict[str, Any]) -> Completion:
 
     Raises ProviderError.
     """
-    litellm = _litellm()
-    function = {
-        "chat": litellm.acompletion,
-        "completion": litellm.atext_completion,
-        "embedding": litellm.aembedding,
-    }[kind]
-    try:
-        response = await asyncio.wait_for(
-            function(**_arguments(target, body)), timeout=target.timeout_seconds + 1
-        )
-        result = response.model_dump(exclude_none=True)
-    except ProviderError:
-        raise
-    except Exception as error:
-        raise provider_error(error) from error
+    if target.adapter == "passthrough":
+        result = await passthrough.call(target, kind, _forwarded(target, body))
+    else:
+        litellm = _litellm()
+        function = {
+            "chat": litellm.acompletion,
+            "completion": litellm.atext_completion,
+            "embedding": litellm.aembedding,
+        }[kind]
+        try:
+            response = await asyncio.wait_for(
+                function(**_arguments(target, body)),
+                timeout=target.timeout_seconds + 1,
+            )
+            result = response.model_dump(exclude_none=True)
+        except ProviderError:
+            raise
+        except Exception as error:
+            raise provider_error(error) from error
     usage = result.get("usage") or {}
     prompt, completion = (
         int(usage.get("prompt_tokens") or 0),
@@ -295,6 +316,12 @@ async def call(target: Target, kind: str, body: dict[str, Any]) -> Completion:
 async def stream(target: Target, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """One streaming attempt: OpenAI chunk dicts as they arrive; the upstream is
     always asked for a usage chunk. Raises ProviderError (before or during)."""
+    if target.adapter == "passthrough":
+        arguments = _forwarded(target, body)
+        arguments.update(stream=True, stream_options={"include_usage": True})
+        async for relayed in passthrough.stream(target, arguments):
+            yield relayed
+        return
     litellm = _litellm()
     arguments = _arguments(target, body)
     arguments.update(stream=True, stream_options={"include_usage": True})

@@ -1,5 +1,8 @@
 """The gateway end to end: the official openai SDK → gunicorn + uvicorn (ASGI)
-→ the pipeline → litellm → the fake upstream, all over real HTTP."""
+→ the pipeline → a provider adapter → the fake upstream, all over real HTTP.
+
+Every test runs twice: with the lean pass-through adapter and with litellm,
+which must behave the same."""
 
 import threading
 import time
@@ -31,6 +34,17 @@ def _deployment(
         litellm_params={"api_base": fake.base(scenario)},
         timeout_ms=timeout_ms,
     )
+
+
+@pytest.fixture(params=["passthrough", "litellm"])
+def adapter(request, settings) -> str:
+    settings.GATEWAY_PASSTHROUGH = request.param == "passthrough"
+    return request.param
+
+
+@pytest.fixture
+def server_env(adapter) -> dict[str, str]:
+    return {"GATEWAY_PASSTHROUGH": "true" if adapter == "passthrough" else "false"}
 
 
 @pytest.fixture
@@ -390,3 +404,12 @@ def test_unknown_top_level_fields_are_accepted_and_not_forwarded(gateway):
     assert not {"vendor_flag", "metadata", "timeout"} & set(sent)
     assert sent["messages"] == MESSAGES
     assert UsageRecord.objects.get().metadata == {"tenant": "t1"}
+
+
+def test_the_adapter_in_use_is_the_one_configured(gateway, adapter):
+    gateway["client"].chat.completions.create(model="chat", messages=MESSAGES)
+
+    (received,) = gateway["fake"].requests
+    agent = received.headers.get("user-agent", "")
+    assert ("aiohttp" in agent) == (adapter == "passthrough"), agent
+    assert received.headers["authorization"] == "Bearer sk-upstream-secret"
