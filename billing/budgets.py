@@ -83,6 +83,11 @@ def _locked(key: VirtualKey) -> list[LimitedEntity]:
     ]
 
 
+def budgets_apply(key: VirtualKey) -> bool:
+    """Whether any budget or quota bounds this key's calls."""
+    return _needs_locks(key)
+
+
 def _needs_locks(key: VirtualKey) -> bool:
     entities: list[Any] = [key.team.organization, key.team, key]
     return any(

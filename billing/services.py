@@ -201,19 +201,26 @@ def usage_record_create(*, request_id: str, **fields: Any) -> UsageRecord:
         record, created = UsageRecord.objects.get_or_create(
             request_id=request_id, defaults=fields
         )
-        if created and record.job_id is not None:
-            success = record.status != UsageStatus.ERROR
-            Job.objects.filter(pk=record.job_id).update(
-                total_calls=F("total_calls") + 1,
-                successful_calls=F("successful_calls") + int(success),
-                failed_calls=F("failed_calls") + int(not success),
-                total_tokens=F("total_tokens") + record.total_tokens,
-                total_cost_micros=F("total_cost_micros") + record.cost_micros,
-            )
-            Job.objects.filter(pk=record.job_id, status=JobStatus.PENDING).update(
-                status=JobStatus.IN_PROGRESS, started_at=record.created_at
-            )
+        if created:
+            _job_count(record)
     return record
+
+
+def _job_count(record: UsageRecord) -> None:
+    """Add a new usage record to its job's totals (same transaction)."""
+    if record.job_id is None:
+        return
+    success = record.status != UsageStatus.ERROR
+    Job.objects.filter(pk=record.job_id).update(
+        total_calls=F("total_calls") + 1,
+        successful_calls=F("successful_calls") + int(success),
+        failed_calls=F("failed_calls") + int(not success),
+        total_tokens=F("total_tokens") + record.total_tokens,
+        total_cost_micros=F("total_cost_micros") + record.cost_micros,
+    )
+    Job.objects.filter(pk=record.job_id, status=JobStatus.PENDING).update(
+        status=JobStatus.IN_PROGRESS, started_at=record.created_at
+    )
 
 
 def job_create(
@@ -357,8 +364,11 @@ def _entry(
 
 
 def _locked_account(team: Team) -> CreditAccount:
-    credit_account_open(team=team)
-    return CreditAccount.objects.select_for_update().get(team=team)
+    try:
+        return CreditAccount.objects.select_for_update().get(team=team)
+    except CreditAccount.DoesNotExist:
+        credit_account_open(team=team)
+        return CreditAccount.objects.select_for_update().get(team=team)
 
 
 def credits_hold(
@@ -404,12 +414,19 @@ def _settle(
     overran) is taken from the balance down to the overdraft floor, never
     below; the shortfall is reported in the capture's reason.
     """
-    if LedgerEntry.objects.filter(idempotency_key=f"capture:{request_id}").exists() or (
-        LedgerEntry.objects.filter(idempotency_key=f"release:{request_id}").exists()
-    ):
+    # The request's hold, capture and release rows, in one read.
+    entries = dict(
+        LedgerEntry.objects.filter(
+            idempotency_key__in=[
+                f"hold:{request_id}",
+                f"capture:{request_id}",
+                f"release:{request_id}",
+            ]
+        ).values_list("idempotency_key", "held_delta_micros")
+    )
+    if f"capture:{request_id}" in entries or f"release:{request_id}" in entries:
         return 0  # already settled
-    hold = LedgerEntry.objects.filter(idempotency_key=f"hold:{request_id}").first()
-    held = hold.held_delta_micros if hold else 0
+    held = entries.get(f"hold:{request_id}", 0)
     captured = min(charge_micros, held)
     extra = charge_micros - captured
     if extra > 0:
@@ -464,9 +481,17 @@ def call_settle(
             charge_micros=charge_micros,
             job=usage.get("job"),
         )
-        record = usage_record_create(
+        # The account lock serializes settlements of a request, and the
+        # record was not there under it: a plain insert (the unique request
+        # id still guards it).
+        usage.setdefault(
+            "total_tokens",
+            usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
+        )
+        record = UsageRecord.objects.create(
             request_id=request_id, credits_micros=charged, **usage
         )
+        _job_count(record)
         if budget_reserved_micros is not None and record.virtual_key is not None:
             budgets_settle(
                 key=record.virtual_key,

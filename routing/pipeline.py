@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
+from functools import partial
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -31,7 +32,7 @@ from django.http import (
 )
 from django.utils import timezone
 
-from billing.budgets import budgets_reserve
+from billing.budgets import budgets_apply, budgets_reserve
 from billing.models import Job, JobStatus, UsageRecord, UsageSource, UsageStatus
 from billing.rollups import fell_back
 from billing.selectors import model_price_at
@@ -467,16 +468,21 @@ def _hold(call: Call) -> None:
         markup_bps=call.key.team.price_markup_bps,
     )
     amount = _charge(call, cost_micros=cost, tokens=prompt + completion, succeeded=True)
+    hold = partial(
+        credits_hold,
+        team=call.key.team,
+        amount_micros=amount,
+        request_id=call.request_id,
+        job=call.job,
+    )
+    if not budgets_apply(call.key):
+        call.held_micros = hold()  # one short transaction of its own
+        return
     # Budgets, quotas and credits together: a 402 from any leaves nothing.
     with transaction.atomic():
         if budgets_reserve(key=call.key, cost_micros=cost, now=timezone.now()):
             call.budget_reserved_micros = cost
-        call.held_micros = credits_hold(
-            team=call.key.team,
-            amount_micros=amount,
-            request_id=call.request_id,
-            job=call.job,
-        )
+        call.held_micros = hold()
 
 
 def _record(

@@ -1,0 +1,40 @@
+"""The inference path's database work is pinned: a change that adds a round
+trip to every call must change this number on purpose."""
+
+import pytest
+
+from billing.models import UsageRecord
+from tenants.services import virtual_key_issue
+
+pytestmark = pytest.mark.django_db(transaction=True)
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+# Resolve the group, its members, their deployments and the price (4); hold
+# in one transaction (BEGIN, lock the account, idempotency read, ledger row,
+# balance update, COMMIT: 6); settle in one transaction (BEGIN, lock, the
+# record's idempotency read, the ledger rows of the request, capture, balance
+# update, usage record, COMMIT: 8; the team is job_based, so the capture
+# takes the whole hold and there is no release). The key comes from the key
+# cache.
+QUERIES_PER_CALL = 18
+
+
+def test_a_chat_call_makes_a_pinned_number_of_queries(
+    client, team, django_assert_num_queries
+):
+    _, plaintext = virtual_key_issue(team=team)
+
+    def call():
+        return client.post(
+            "/v1/chat/completions",
+            CHAT,
+            content_type="application/json",
+            HTTP_X_API_KEY=plaintext,
+        )
+
+    assert call().status_code == 200  # warms the key cache
+    with django_assert_num_queries(QUERIES_PER_CALL):
+        response = call()
+
+    assert response.status_code == 200
+    assert UsageRecord.objects.count() == 2
