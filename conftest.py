@@ -23,6 +23,7 @@ from billing.services import credit_account_open, credits_allocate
 from billing.tests.prices import price
 from gateway_project.money import MICROS
 from routing.models import Deployment, ModelGroup
+from routing.pipeline import routes_forget
 from routing.services import deployment_create, model_group_create
 from tenants.models import Organization, Team
 from tenants.services import organization_create, team_create
@@ -47,6 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _clear_cache() -> Iterator[None]:
     yield
     cache.clear()
+    routes_forget()  # the flushed database's groups and prices
 
 
 @pytest.fixture

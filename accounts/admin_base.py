@@ -15,6 +15,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 
 from accounts.models import User
 from accounts.services import audit_log_record
+from gateway_project.generations import routing_changed
 from gateway_project.middleware import client_ip
 from gateway_project.money import from_micros
 
@@ -73,6 +74,9 @@ class AuditedAdmin(admin.ModelAdmin):
     """
 
     audit_resource_type = ""
+    # Set on the admins of model groups, deployments, credentials and prices:
+    # a save makes every gateway process reload its routes.
+    changes_routing = False
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -186,10 +190,19 @@ class AuditedAdmin(admin.ModelAdmin):
                 request, "update" if change else "create", obj, {"fields": changed}
             )
 
+    def save_related(
+        self, request: HttpRequest, form: Any, formsets: Any, change: bool
+    ) -> None:
+        super().save_related(request, form, formsets, change)
+        if self.changes_routing:
+            routing_changed()
+
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
         with transaction.atomic():
             self._audit(request, "delete", obj, {})
             super().delete_model(request, obj)
+            if self.changes_routing:
+                routing_changed()
 
     def delete_queryset(self, request: HttpRequest, queryset: Any) -> None:
         with transaction.atomic():

@@ -195,6 +195,7 @@ class LedgerEntryAdmin(ReadOnlyAdmin):
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(AuditedAdmin):
+    changes_routing = True
     audit_resource_type = "model_price"
     list_display = (
         "model",

@@ -241,6 +241,9 @@ GATEWAY_RATE_LIMIT_FAIL_OPEN = env_bool("GATEWAY_RATE_LIMIT_FAIL_OPEN", True)
 # Serve deployments whose provider speaks OpenAI's protocol with the lean
 # pass-through adapter (routing/passthrough.py) instead of litellm.
 GATEWAY_PASSTHROUGH = env_bool("GATEWAY_PASSTHROUGH", True)
+# The request path keeps model groups, deployments and prices in memory this
+# long at most; writes through the services and the admin apply at once.
+GATEWAY_ROUTE_CACHE_SECONDS = env_int("GATEWAY_ROUTE_CACHE_SECONDS", 5, minimum=0)
 # Login throttling (accounts/throttle.py): failures allowed per window.
 LOGIN_FAILURES_PER_EMAIL = env_int("LOGIN_FAILURES_PER_EMAIL", 5, minimum=1)
 LOGIN_FAILURES_PER_IP = env_int("LOGIN_FAILURES_PER_IP", 20, minimum=1)

@@ -49,6 +49,7 @@ class ProviderCredentialForm(forms.ModelForm):
 
 @admin.register(ProviderCredential)
 class ProviderCredentialAdmin(AuditedAdmin):
+    changes_routing = True
     audit_resource_type = "provider_credential"
     form = ProviderCredentialForm
     list_display = (
@@ -91,6 +92,7 @@ class ProviderCredentialAdmin(AuditedAdmin):
 
 @admin.register(Deployment)
 class DeploymentAdmin(AuditedAdmin):
+    changes_routing = True
     audit_resource_type = "deployment"
     list_display = (
         "name",
@@ -151,6 +153,7 @@ def _members(group: ModelGroup) -> list[dict[str, Any]]:
 
 @admin.register(ModelGroup)
 class ModelGroupAdmin(AuditedAdmin):
+    changes_routing = True
     audit_resource_type = "model_group"
     list_display = (
         "group_name",

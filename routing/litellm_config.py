@@ -33,6 +33,7 @@ from gateway_project.crypto import (
     derived_secret,
     mask_secret,
 )
+from gateway_project.generations import routing_changed
 from gateway_project.money import from_micros
 from routing.models import (
     Deployment,
@@ -579,6 +580,7 @@ def model_price_create(
                 "output_price_per_million_micros": output_price_per_million_micros,
             },
         )
+    routing_changed()
     return price
 
 

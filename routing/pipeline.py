@@ -44,6 +44,7 @@ from billing.services import (
 )
 from gateway_project import metrics
 from gateway_project.errors import GatewayError, NotFound
+from gateway_project.generations import ROUTING
 from gateway_project.money import MICROS
 from routing import limits, providers, response_cache
 from routing.models import DeploymentStatus, ModelGroup, ModelGroupStatus
@@ -139,15 +140,94 @@ def allowed_groups(key: VirtualKey) -> list[ModelGroup]:
     )
 
 
-def _ordered(members: list[Any]) -> list[Any]:
-    """Members by priority; within one priority a weighted random order, so that
-    load spreads across equals."""
-    ordered: list[Any] = []
+@dataclass(frozen=True)
+class Member:
+    priority: int
+    weight: int
+    target: Target
+
+
+@dataclass(frozen=True)
+class Route:
+    """A model group as the request path needs it, kept in memory per process:
+    its active members as targets, and the price of each in force when loaded."""
+
+    group: ModelGroup | None
+    members: list[Member]
+    prices: dict[int, tuple[int, int] | None]
+    generation: int
+    loaded: float  # time.monotonic()
+
+
+_routes: dict[str, Route] = {}
+_ROUTES_KEPT = 1000  # names, known or not; past that the memory starts over
+
+
+def routes_forget() -> None:
+    """Drop every route this process keeps (tests, after a flush)."""
+    _routes.clear()
+
+
+def _route(name: str) -> tuple[Route, dict[str, Any]]:
+    """The route of a group name and the cooldowns of its deployments, in one
+    cache round trip when the kept route is current (its generation matches
+    and it is younger than GATEWAY_ROUTE_CACHE_SECONDS)."""
+    route = _routes.get(name)
+    cooldowns = (
+        [_cooldown_key(m.target.deployment_id) for m in route.members] if route else []
+    )
+    found = cache.get_many([ROUTING, *cooldowns])
+    generation = found.get(ROUTING, 0)
+    now = time.monotonic()
+    if (
+        route is None
+        or route.generation != generation
+        or now - route.loaded >= settings.GATEWAY_ROUTE_CACHE_SECONDS
+    ):
+        route = _route_load(name, generation, now)
+        if len(_routes) >= _ROUTES_KEPT:
+            _routes.clear()
+        _routes[name] = route
+        found = cache.get_many(
+            [_cooldown_key(m.target.deployment_id) for m in route.members]
+        )
+    return route, found
+
+
+def _route_load(name: str, generation: int, now: float) -> Route:
+    group = (
+        ModelGroup.objects.filter(group_name=name, status=ModelGroupStatus.ACTIVE)
+        .prefetch_related("members__deployment__credential")
+        .first()
+    )
+    members = (
+        [
+            Member(m.priority, m.weight, providers.target_for(m.deployment))
+            for m in group.members.all()
+            if m.deployment.status == DeploymentStatus.ACTIVE
+        ]
+        if group is not None
+        else []
+    )
+    at = timezone.now()
+    return Route(
+        group=group,
+        members=members,
+        prices={m.target.deployment_id: _price(m.target.model, at) for m in members},
+        generation=generation,
+        loaded=now,
+    )
+
+
+def _ordered(members: list[Member]) -> list[Target]:
+    """Targets by priority; within one priority a weighted random order, so
+    that load spreads across equals."""
+    ordered: list[Target] = []
     for priority in sorted({member.priority for member in members}):
         tier = [member for member in members if member.priority == priority]
         while tier:
             chosen = random.choices(tier, weights=[m.weight for m in tier])[0]  # noqa: S311 - load spreading
-            ordered.append(chosen)
+            ordered.append(chosen.target)
             tier.remove(chosen)
     return ordered
 
@@ -162,36 +242,23 @@ def _prepare(
     """Authenticate, validate and resolve in one trip to the worker thread."""
     key = virtual_key_authenticate(plaintext=presented_key(request))
     _validate(endpoint, body)
-    group = (
-        ModelGroup.objects.filter(
-            group_name=body["model"], status=ModelGroupStatus.ACTIVE
-        )
-        .prefetch_related("members__deployment__credential")
-        .first()
-    )
-    if group is not None:
-        request.gateway_model_group = group.group_name  # type: ignore[attr-defined]
+    route, cooling = _route(body["model"])
+    group = route.group
     if group is None:
         raise ModelNotFound(
             f"The model '{body['model']}' does not exist", param="model"
         )
+    request.gateway_model_group = group.group_name  # type: ignore[attr-defined]
     if group.pk not in key_allowed_group_ids(key):
         raise ModelNotAllowed(
             f"This key may not use the model '{body['model']}'", param="model"
         )
     job = _job_for(job_id or request.headers.get("X-Job-Id"), key)
-    members = [
-        m for m in group.members.all() if m.deployment.status == DeploymentStatus.ACTIVE
-    ]
-    targets = [providers.target_for(member.deployment) for member in _ordered(members)]
-    cooling = cache.get_many(
-        [_cooldown_key(target.deployment_id) for target in targets]
-    )
-    now = timezone.now()
+    targets = _ordered(route.members)
     prices = {
         t.deployment_id: price
         for t in targets
-        if (price := _price(t.model, now)) is not None
+        if (price := route.prices.get(t.deployment_id)) is not None
     }
     cooled = {
         t.deployment_id for t in targets if cooling.get(_cooldown_key(t.deployment_id))

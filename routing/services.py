@@ -1,9 +1,10 @@
 """Writes of the routing app: credentials, deployments, model groups."""
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import wraps
+from typing import Any, TypeVar, cast
 
 from asgiref.sync import async_to_sync
 from django.db import IntegrityError, transaction
@@ -12,11 +13,27 @@ from django.db.models import ProtectedError
 from accounts.models import User
 from accounts.services import audit_log_record, changes_apply
 from gateway_project.errors import AlreadyExists, GatewayError
+from gateway_project.generations import routing_changed
 from routing import providers
 from routing.models import Deployment, ModelGroup, ModelGroupMember, ProviderCredential
 from routing.providers import catalog_model
 
+F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _changes_routes(function: F) -> F:
+    """The request path's in-memory routes are reloaded after this write."""
+
+    @wraps(function)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        result = function(*args, **kwargs)
+        routing_changed()
+        return result
+
+    return cast(F, wrapped)
+
+
+@_changes_routes
 def provider_credential_create(
     *,
     name: str,
@@ -47,6 +64,7 @@ def provider_credential_create(
     return credential
 
 
+@_changes_routes
 def deployment_create(
     *,
     name: str,
@@ -82,6 +100,7 @@ def deployment_create(
     return deployment
 
 
+@_changes_routes
 def model_group_create(
     *,
     group_name: str,
@@ -128,6 +147,7 @@ def model_group_create(
     return group
 
 
+@_changes_routes
 def deployment_resolve(
     *, model_name: str, actor: User | None = None, actor_label: str = ""
 ) -> Deployment:
@@ -181,6 +201,7 @@ def _members(
     ]
 
 
+@_changes_routes
 def model_group_create_from_names(
     *,
     group_name: str,
@@ -210,6 +231,7 @@ def model_group_create_from_names(
         )
 
 
+@_changes_routes
 def model_group_update(
     *,
     group: ModelGroup,
@@ -231,6 +253,7 @@ def model_group_update(
     return group
 
 
+@_changes_routes
 def model_group_replace_models(
     *,
     group: ModelGroup,
@@ -269,6 +292,7 @@ def model_group_replace_models(
     return group
 
 
+@_changes_routes
 def model_group_delete(
     *, group: ModelGroup, actor: User | None = None, actor_label: str = ""
 ) -> None:
@@ -314,6 +338,7 @@ def _changed_fields(
     }
 
 
+@_changes_routes
 def provider_credential_update(
     *,
     credential: ProviderCredential,
@@ -350,6 +375,7 @@ def provider_credential_update(
     return credential
 
 
+@_changes_routes
 def deployment_update(
     *,
     deployment: Deployment,
@@ -395,6 +421,7 @@ def deployment_update(
     return deployment
 
 
+@_changes_routes
 def model_group_members_set(
     *,
     group: ModelGroup,

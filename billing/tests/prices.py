@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from billing.models import ModelPrice, PriceSource
+from gateway_project.generations import routing_changed
 from gateway_project.money import to_micros
 
 SINCE = datetime(2020, 1, 1, tzinfo=UTC)
@@ -21,4 +22,5 @@ def price(model: str, input_usd: str = "1.00", output_usd: str = "2.00") -> Mode
             "source": PriceSource.OPERATOR,
         },
     )
+    routing_changed()
     return row

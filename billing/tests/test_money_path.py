@@ -23,6 +23,7 @@ from billing.tests.ledger import assert_ledger_consistent
 from billing.tests.prices import price
 from gateway_project.money import MICROS
 from routing.models import Deployment
+from routing.pipeline import routes_forget
 from routing.services import model_group_create
 from tenants.models import BudgetMode
 from tenants.services import organization_create, team_update
@@ -263,6 +264,7 @@ def test_a_model_without_any_price_is_never_silently_free(
     assert CreditAccount.objects.get(team=team).balance_micros == 100 * MICROS
 
     settings.GATEWAY_FALLBACK_PRICE = (3_000_000, 4_000_000)
+    routes_forget()  # a setting changes with a restart, which forgets routes
     charged = _call(client, key)
     assert charged.status_code == 200
     record = UsageRecord.objects.get(request_id=charged["x-request-id"])

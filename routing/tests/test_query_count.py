@@ -9,14 +9,14 @@ from tenants.services import virtual_key_issue
 pytestmark = pytest.mark.django_db(transaction=True)
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
-# Resolve the group, its members, their deployments and the price (4); hold
-# in one transaction (BEGIN, lock the account, idempotency read, ledger row,
-# balance update, COMMIT: 6); settle in one transaction (BEGIN, lock, the
-# record's idempotency read, the ledger rows of the request, capture, balance
-# update, usage record, COMMIT: 8; the team is job_based, so the capture
-# takes the whole hold and there is no release). The key comes from the key
-# cache.
-QUERIES_PER_CALL = 18
+# The key comes from the key cache and the group, its deployments and prices
+# from the process's routes (both checked against Redis). Then the hold, in
+# one transaction (BEGIN, lock the account, idempotency read, ledger row,
+# balance update, COMMIT: 6), and the settlement in one transaction (BEGIN,
+# lock, the record's idempotency read, the ledger rows of the request,
+# capture, balance update, usage record, COMMIT: 8; the team is job_based, so
+# the capture takes the whole hold and there is no release).
+QUERIES_PER_CALL = 14
 
 
 def test_a_chat_call_makes_a_pinned_number_of_queries(

@@ -1,0 +1,33 @@
+"""Generation counters in the shared cache: a write bumps one after commit,
+and every process drops what it cached under an older value at once.
+
+The routing generation covers model groups, their members, deployments,
+provider credentials and prices, which the request path keeps in memory
+(routing/pipeline.py); a process also reloads them every
+GATEWAY_ROUTE_CACHE_SECONDS, so a change made without a bump (a raw SQL
+update) is picked up too.
+"""
+
+import logging
+
+from django.core.cache import cache
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+ROUTING = "routing:generation"
+
+
+def generation_bump(name: str) -> None:
+    try:
+        cache.add(name, 0, timeout=None)
+        cache.incr(name)
+    except Exception as error:  # Redis down: the reload period bounds staleness
+        logger.warning("generation %s not bumped: %s", name, error)
+
+
+def routing_changed() -> None:
+    """Call inside or after a write to routing configuration or prices: bumps
+    now and again after commit (a process may reload the old rows between)."""
+    generation_bump(ROUTING)
+    transaction.on_commit(lambda: generation_bump(ROUTING))
