@@ -117,8 +117,20 @@ if EMBEDDED:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
 _database = env_database("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}")
 if _database["ENGINE"] == "django.db.backends.postgresql":
-    _database["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 60)
-    _database["CONN_HEALTH_CHECKS"] = True
+    # A pool per process (psycopg_pool). Under ASGI every request runs its
+    # database work in a thread of its own, so Django's persistent
+    # connections (CONN_MAX_AGE) would pile up one per thread.
+    _pool_size = env_int("DATABASE_POOL_MAX_SIZE", 20, minimum=0)
+    if _pool_size:
+        _database["CONN_MAX_AGE"] = 0
+        _database.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": _pool_size,
+            "timeout": env_int("DATABASE_POOL_TIMEOUT", 5, minimum=1),
+        }
+    else:
+        _database["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 0)
+        _database["CONN_HEALTH_CHECKS"] = True
 # Transactions stay short and explicit (services); never one per request, which
 # would hold a transaction open across a provider call.
 _database["ATOMIC_REQUESTS"] = False

@@ -23,7 +23,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
+from django.db import connection, transaction
 from django.http import (
     HttpRequest,
     HttpResponseBase,
@@ -625,6 +625,15 @@ def _record(
     if succeeded:
         virtual_key_touch(key=call.key)
     _count(call, record, succeeded=succeeded)
+    _connection_release()
+
+
+def _connection_release() -> None:
+    """Give this thread's database connection back to the pool while the
+    provider works (or once the call is settled); the next step takes one
+    again. Never inside a transaction (tests run in one)."""
+    if not connection.in_atomic_block:
+        connection.close()
 
 
 def _count(call: Call, record: UsageRecord, *, succeeded: bool) -> None:
@@ -701,6 +710,7 @@ async def prepare(
                 call.key.team, call.group.group_name, endpoint, body
             )
             call.cached = response_cache.lookup(call.cache_key)
+        _connection_release()
         return call
 
     return await sync_to_async(prepared)()

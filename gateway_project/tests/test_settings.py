@@ -48,7 +48,7 @@ def _boot(code: str = BOOT, **env: str) -> subprocess.CompletedProcess[str]:
         ("REDIS_URL", "http://cache:6379", "REDIS_URL must be a redis://"),
         ("REDIS_URL", "redis://cache:port/0", "REDIS_URL has an invalid port"),
         ("DEBUG", "maybe", "DEBUG must be a boolean"),
-        ("DATABASE_CONN_MAX_AGE", "soon", "DATABASE_CONN_MAX_AGE must be an integer"),
+        ("DATABASE_POOL_MAX_SIZE", "many", "DATABASE_POOL_MAX_SIZE must be an integer"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of"),
         ("SECRET_KEY", "short", "SECRET_KEY must be at least 32 characters"),
     ],
@@ -57,7 +57,7 @@ def test_malformed_value_stops_start_up_naming_the_variable(
     name, value, message, tmp_path
 ):
     env = {"SECRET_KEY": "x" * 40, "GATEWAY_VAR_DIR": str(tmp_path), name: value}
-    if name == "DATABASE_CONN_MAX_AGE":
+    if name == "DATABASE_POOL_MAX_SIZE":
         env["DATABASE_URL"] = "postgresql://u@db/x"
 
     result = _boot(**env)
