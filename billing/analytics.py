@@ -9,8 +9,8 @@ of the range's partial edge hours are not pruned yet (retention only deletes
 whole hours behind the watermark, which the rollups hold).
 """
 
-from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, cast
@@ -23,15 +23,14 @@ from billing.models import (
     RollupState,
     UsageRecord,
     UsageRollup,
-    UsageStatus,
 )
 from billing.rollups import (
     DAY,
     HOUR,
+    RECORD_FIELDS,
     STATE_NAME,
     SUMS,
-    fell_back,
-    latency_bucket,
+    Totals,
     latency_percentiles,
 )
 from tenants.models import Organization, Team
@@ -50,59 +49,13 @@ LABEL_FIELDS = {
 }
 NONE_LABEL = "(none)"
 RATE_PLACES = Decimal("0.0001")
-# The columns of a raw record that its figures are computed from.
-RECORD_FIELDS = (
-    "status",
-    "cached",
-    "fallbacks_tried",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_micros",
-    "credits_micros",
-    "latency_ms",
-)
-
 Range = tuple[datetime, datetime]
 
 
-class _Tally:
-    """The running figures of one group: SUMS, the latency maximum and the
-    latency histogram (upper bound in ms → count)."""
+class _Tally(Totals):
+    """A group's running figures, read out as the API's figures."""
 
-    __slots__ = ("histogram", "latency_max_ms", "sums")
-
-    def __init__(self) -> None:
-        self.sums = [0] * len(SUMS)
-        self.latency_max_ms = 0
-        self.histogram: Counter[str] = Counter()
-
-    def add_rollup(
-        self, sums: Sequence[int], latency_max_ms: int, histogram: Mapping[str, int]
-    ) -> None:
-        self.sums = [a + b for a, b in zip(self.sums, sums, strict=True)]
-        self.latency_max_ms = max(self.latency_max_ms, latency_max_ms)
-        self.histogram.update(histogram)
-
-    def add_record(self, values: Sequence[Any]) -> None:
-        # The same reading of a record as rollups._totals_of_records: an error
-        # is anything but a success, a fallback is any fallback tried.
-        status, cached, fallbacks, *tokens_and_money, latency = values
-        success = status == UsageStatus.SUCCESS
-        self.add_rollup(
-            (
-                1,
-                int(success),
-                int(not success),
-                int(cached),
-                int(fell_back(fallbacks)),
-                *tokens_and_money,
-                latency,
-            ),
-            latency,
-            {},
-        )
-        self.histogram[str(latency_bucket(latency))] += 1
+    __slots__ = ()
 
     def figures(self) -> dict[str, Any]:
         figures: dict[str, Any] = dict(zip(SUMS, self.sums, strict=True))
@@ -246,7 +199,7 @@ def _tallies(
         )
         width = len(rollup_fields)
         for row in rows:
-            tallies[key(row)].add_rollup(row[width:-2], row[-2], row[-1])
+            tallies[key(row)].add(row[width:-2], row[-2], row[-1])
     if raw_ranges:
         rows = (
             UsageRecord.objects.filter(

@@ -73,8 +73,24 @@ LATENCY_BUCKETS_MS = _latency_buckets()
 Grain = tuple[int | None, ...]
 
 
-class _Totals:
-    """The running sums of one rollup row."""
+# The columns of a raw record that its figures are computed from, in the
+# order Totals.add_record reads them.
+RECORD_FIELDS = (
+    "status",
+    "cached",
+    "fallbacks_tried",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_micros",
+    "credits_micros",
+    "latency_ms",
+)
+
+
+class Totals:
+    """The running figures of one group (a rollup row, an analytics row):
+    SUMS, the latency maximum and the latency histogram."""
 
     __slots__ = ("histogram", "latency_max_ms", "sums")
 
@@ -89,6 +105,25 @@ class _Totals:
         self.sums = [a + b for a, b in zip(self.sums, sums, strict=True)]
         self.latency_max_ms = max(self.latency_max_ms, latency_max_ms)
         self.histogram.update(histogram)
+
+    def add_record(self, values: Sequence[Any]) -> None:
+        """Add one raw record (its RECORD_FIELDS): an error is anything but a
+        success; a fallback is a call that tried more than one deployment."""
+        status, cached, fallbacks, *tokens_and_money, latency = values
+        success = status == UsageStatus.SUCCESS
+        self.add(
+            (
+                1,
+                int(success),
+                int(not success),
+                int(cached),
+                int(fell_back(fallbacks)),
+                *tokens_and_money,
+                latency,
+            ),
+            latency,
+            {str(latency_bucket(latency)): 1},
+        )
 
 
 def fell_back(attempts: Sequence[Mapping[str, Any]]) -> bool:
@@ -230,47 +265,22 @@ def _oldest_record_hour() -> datetime | None:
     return None if oldest is None else _hour_floor(oldest)
 
 
-def _totals_of_records(start: datetime) -> dict[Grain, _Totals]:
-    totals: defaultdict[Grain, _Totals] = defaultdict(_Totals)
+def _totals_of_records(start: datetime) -> dict[Grain, Totals]:
+    totals: defaultdict[Grain, Totals] = defaultdict(Totals)
     rows: Iterator[tuple[Any, ...]] = (
         UsageRecord.objects.filter(created_at__gte=start, created_at__lt=start + HOUR)
         .order_by()
-        .values_list(
-            *GRAIN,
-            "status",
-            "cached",
-            "fallbacks_tried",
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "cost_micros",
-            "credits_micros",
-            "latency_ms",
-        )
+        .values_list(*GRAIN, *RECORD_FIELDS)
         .iterator(chunk_size=CHUNK_SIZE)
     )
     width = len(GRAIN)
     for row in rows:
-        status, cached, fallbacks, *tokens_and_money, latency = row[width:]
-        success = status == UsageStatus.SUCCESS
-        totals[row[:width]].add(
-            (
-                1,
-                int(success),
-                int(not success),
-                int(cached),
-                int(fell_back(fallbacks)),
-                *tokens_and_money,
-                latency,
-            ),
-            latency,
-            {str(latency_bucket(latency)): 1},
-        )
+        totals[row[:width]].add_record(row[width:])
     return totals
 
 
-def _totals_of_hours(day: datetime) -> dict[Grain, _Totals]:
-    totals: defaultdict[Grain, _Totals] = defaultdict(_Totals)
+def _totals_of_hours(day: datetime) -> dict[Grain, Totals]:
+    totals: defaultdict[Grain, Totals] = defaultdict(Totals)
     rows: Iterator[tuple[Any, ...]] = (
         UsageRollup.objects.filter(
             granularity=RollupGranularity.HOUR,
@@ -288,7 +298,7 @@ def _totals_of_hours(day: datetime) -> dict[Grain, _Totals]:
 
 
 def _rollups_replace(
-    granularity: str, bucket_start: datetime, totals: Mapping[Grain, _Totals]
+    granularity: str, bucket_start: datetime, totals: Mapping[Grain, Totals]
 ) -> int:
     UsageRollup.objects.filter(
         granularity=granularity, bucket_start=bucket_start

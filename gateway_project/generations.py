@@ -26,8 +26,14 @@ def generation_bump(name: str) -> None:
         logger.warning("generation %s not bumped: %s", name, error)
 
 
+def generation_changed(name: str) -> None:
+    """Call inside or after a write: bumps now (the writing transaction sees
+    its change) and again after commit, the bump that matters (a process may
+    reload the old rows in between)."""
+    generation_bump(name)
+    transaction.on_commit(lambda: generation_bump(name))
+
+
 def routing_changed() -> None:
-    """Call inside or after a write to routing configuration or prices: bumps
-    now and again after commit (a process may reload the old rows between)."""
-    generation_bump(ROUTING)
-    transaction.on_commit(lambda: generation_bump(ROUTING))
+    """After a write to routing configuration or prices."""
+    generation_changed(ROUTING)

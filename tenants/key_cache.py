@@ -24,6 +24,7 @@ from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
+from gateway_project.generations import generation_bump, generation_changed
 from tenants.models import KeyStatus, Organization, Team, VirtualKey
 
 logger = logging.getLogger(__name__)
@@ -101,25 +102,15 @@ def key_lookup(public_id: str) -> VirtualKey | None:
 
 def key_cache_invalidate() -> None:
     """Make every cached key entry stale (all instances at once). Call after
-    commit of any change to an organization, team or key."""
-    try:
-        cache.add(GENERATION, 0, timeout=None)
-        cache.incr(GENERATION)
-    except Exception as error:
-        # Entries cannot be read either while Redis is down; key sync bumps the
-        # generation again once it finds the changed rows.
-        logger.warning("key cache invalidation failed: %s", error)
+    commit of any change to an organization, team or key. While Redis is down
+    entries cannot be read either; key sync bumps again once it finds the
+    changed rows."""
+    generation_bump(GENERATION)
 
 
 def key_cache_invalidate_on_commit() -> None:
-    """Invalidate now and again once the current transaction commits.
-
-    The bump after commit is the one that matters: a process may reload the
-    old row between the first bump and the commit. The first one makes the
-    change visible inside the transaction that made it.
-    """
-    key_cache_invalidate()
-    transaction.on_commit(key_cache_invalidate)
+    """Invalidate now and again once the current transaction commits."""
+    generation_changed(GENERATION)
 
 
 def key_last_used_stamp(*, key: VirtualKey) -> None:
