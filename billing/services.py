@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from accounts.services import audit_log_record
+from billing import statements
 from billing.budgets import budgets_settle
 from billing.models import (
     CreditAccount,
@@ -381,6 +382,13 @@ def credits_hold(
     """
     if amount_micros <= 0:
         return 0
+    if statements.available() and statements.credits_hold_statement(
+        team_id=team.pk,
+        amount_micros=amount_micros,
+        request_id=request_id,
+        job_id=job.pk if job is not None else None,
+    ):
+        return amount_micros
     with transaction.atomic():
         account = _locked_account(team)
         key = f"hold:{request_id}"
@@ -465,11 +473,30 @@ def call_settle(
     request_id: str,
     charge_micros: int,
     budget_reserved_micros: int | None = None,
+    held_micros: int | None = None,
     **usage: Any,
 ) -> UsageRecord:
     """The end of a call, in one short transaction: its usage record, the
     capture of what it cost and the release of the rest of its hold.
-    Idempotent by request id: a second settlement changes nothing."""
+    Idempotent by request id: a second settlement changes nothing.
+
+    ``held_micros``, when the caller knows what it held for the request, lets
+    the common case (no job, no key budget, a charge within the hold) run as
+    one statement on PostgreSQL (statements.py)."""
+    if (
+        held_micros is not None
+        and budget_reserved_micros is None
+        and usage.get("job") is None
+        and statements.available()
+    ):
+        record = statements.call_settle_statement(
+            team_id=team.pk,
+            held_micros=held_micros,
+            charge_micros=charge_micros,
+            record=UsageRecord(request_id=request_id, **usage),
+        )
+        if record is not None:
+            return record
     with transaction.atomic():
         account = _locked_account(team)
         existing = UsageRecord.objects.filter(request_id=request_id).first()

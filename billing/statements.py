@@ -1,0 +1,184 @@
+"""The money of a call in one SQL statement each, on PostgreSQL.
+
+``credits_hold`` and ``call_settle`` (services.py) are the reference: locked
+rows, ORM writes, a dozen statements per call. On the request path that cost
+more CPU than everything else together, so the common case runs as one
+statement each here, with the same rows, the same arithmetic and the same
+guards:
+
+- the hold is one ``UPDATE … WHERE balance + overdraft >= amount`` (the row
+  lock and the re-check under it are PostgreSQL's) feeding the ledger insert;
+- the settlement is one account update feeding the capture row, the release
+  row and the usage record.
+
+Each is atomic as a single statement. Whatever is not the common case — no
+account yet, not enough credits (the service words the 402), a duplicate
+request id (a unique key refuses the whole statement, and the service answers
+as it always did), a charge above the hold, jobs, key budgets — returns
+``None`` so that the caller runs the service instead.
+"""
+
+import uuid
+from functools import cache
+from typing import Any
+
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from billing.models import CreditAccount, LedgerEntry, LedgerEntryType, UsageRecord
+
+_LEDGER_COLUMNS = (
+    "account_id, entry_type, amount_micros, held_delta_micros, "
+    "balance_before_micros, balance_after_micros, idempotency_key, reason, "
+    "request_id, job_id, actor_id, actor_label, created_at"
+)
+
+
+def available() -> bool:
+    return connection.vendor == "postgresql"
+
+
+@cache
+def _hold_sql() -> str:
+    account, ledger = CreditAccount._meta.db_table, LedgerEntry._meta.db_table
+    # Table and column names come from the models; every value is a parameter.
+    return f"""
+        WITH moved AS (
+            UPDATE {account}
+               SET balance_micros = balance_micros - %(amount)s,
+                   held_micros = held_micros + %(amount)s
+             WHERE team_id = %(team)s
+               AND balance_micros + overdraft_limit_micros >= %(amount)s
+         RETURNING id, balance_micros
+        )
+        INSERT INTO {ledger} ({_LEDGER_COLUMNS})
+        SELECT id, '{LedgerEntryType.HOLD}', -%(amount)s, %(amount)s,
+               balance_micros + %(amount)s, balance_micros, %(key)s, '',
+               %(request)s, %(job)s, NULL, 'gateway', %(now)s
+          FROM moved
+        RETURNING id
+    """  # noqa: S608
+
+
+@cache
+def _usage_fields() -> list[Any]:
+    return [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
+
+
+@cache
+def _settle_sql() -> str:
+    account, ledger = CreditAccount._meta.db_table, LedgerEntry._meta.db_table
+    fields = _usage_fields()
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    values = ", ".join(["%s"] * len(fields))
+    # Capture, then release, as the service writes them (the ledger chains in
+    # id order, and ids follow the ORDER BY): the capture leaves the balance as
+    # it was (it takes from the hold), the release gives back the rest. Names
+    # come from the models; values are parameters.
+    return f"""
+        WITH account AS (
+            UPDATE {account}
+               SET balance_micros = balance_micros + %s,
+                   held_micros = held_micros - %s,
+                   used_total_micros = used_total_micros + %s
+             WHERE team_id = %s
+         RETURNING id, balance_micros - %s AS before
+        ),
+        ledger AS (
+            INSERT INTO {ledger} ({_LEDGER_COLUMNS})
+            SELECT account.id, v.entry_type, v.amount, v.held_delta, account.before,
+                   account.before + v.amount, v.key, '', %s, NULL, NULL,
+                   'gateway', %s
+              FROM account,
+                   (VALUES (1, '{LedgerEntryType.CAPTURE}', 0::bigint,
+                            -%s::bigint, %s::text),
+                           (2, '{LedgerEntryType.RELEASE}', %s::bigint,
+                            -%s::bigint, %s::text))
+                   AS v (n, entry_type, amount, held_delta, key)
+             WHERE v.held_delta < 0
+             ORDER BY v.n
+        )
+        INSERT INTO {UsageRecord._meta.db_table} ({columns}) VALUES ({values})
+        RETURNING id
+    """  # noqa: S608
+
+
+def _run(sql: str, params: Any) -> int | None:
+    """The id the statement returned, or None when it wrote nothing or a
+    unique key refused it (then nothing at all was written). Inside a
+    transaction (tests) a savepoint keeps that transaction usable."""
+    try:
+        if connection.in_atomic_block:
+            with transaction.atomic():
+                return _execute(sql, params)
+        return _execute(sql, params)
+    except IntegrityError:
+        return None
+
+
+def _execute(sql: str, params: Any) -> int | None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+def credits_hold_statement(
+    *, team_id: int, amount_micros: int, request_id: str, job_id: uuid.UUID | None
+) -> bool:
+    """Hold ``amount_micros`` (> 0) of the team's credits in one statement.
+    False when it did not (no account, not enough credits, the request's hold
+    already written): nothing was written, and the service decides."""
+    held = _run(
+        _hold_sql(),
+        {
+            "amount": amount_micros,
+            "team": team_id,
+            "key": f"hold:{request_id}",
+            "request": request_id,
+            "job": job_id,
+            "now": timezone.now(),
+        },
+    )
+    return held is not None
+
+
+def call_settle_statement(
+    *, team_id: int, held_micros: int, charge_micros: int, record: UsageRecord
+) -> UsageRecord | None:
+    """Settle a call without a job or key budget whose charge fits in its
+    hold, in one statement: capture the charge, release the rest, write the
+    (unsaved) ``record``. None when a unique key refused it (settled before):
+    nothing was written, and the service answers."""
+    if not 0 <= charge_micros <= held_micros:
+        return None
+    release = held_micros - charge_micros
+    request_id = record.request_id
+    now = timezone.now()
+    record.credits_micros = charge_micros
+    record.total_tokens = record.prompt_tokens + record.completion_tokens
+    usage = [
+        f.get_db_prep_save(f.pre_save(record, True), connection)
+        for f in _usage_fields()
+    ]
+    params = [
+        release,
+        held_micros,
+        charge_micros,
+        team_id,
+        release,
+        request_id,
+        now,
+        charge_micros,
+        f"capture:{request_id}",
+        release,
+        release,
+        f"release:{request_id}",
+        *usage,
+    ]
+    pk = _run(_settle_sql(), params)
+    if pk is None:
+        return None
+    record.pk = pk
+    record._state.adding = False
+    return record

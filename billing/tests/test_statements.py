@@ -1,0 +1,275 @@
+"""The one-statement hold and settlement (billing/statements.py) write what the
+services' ORM path writes, row for row, and hand every other case back to it.
+
+Each test runs the same movements through both paths, on two teams of equal
+balance, and compares the rows. The end-to-end money tests (test_money_path.py,
+concurrency included) go through the statements too: their servers run on
+PostgreSQL.
+"""
+
+import threading
+
+import pytest
+from django.db import connections
+from django.utils import timezone
+
+from billing import statements
+from billing.models import CreditAccount, LedgerEntry, UsageRecord, UsageStatus
+from billing.services import InsufficientCredits, call_settle, credits_hold
+from billing.tests.ledger import assert_ledger_consistent
+from gateway_project.money import MICROS
+from tenants.services import team_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _ledger_stays_consistent():
+    yield
+    assert_ledger_consistent()
+
+
+@pytest.fixture
+def twin(organization, model_group, team):
+    """A second team with the same 100 credits as ``team``."""
+    from billing.services import credit_account_open, credits_allocate
+
+    other = team_create(
+        organization=organization, team_id="team_twin", model_groups=[model_group]
+    )
+    credit_account_open(team=other)
+    credits_allocate(team=other, amount_micros=100 * MICROS, idempotency_key="t:twin")
+    return other
+
+
+@pytest.fixture
+def orm_only(monkeypatch):
+    """The services with the statements switched off (as on SQLite)."""
+
+    def switch(on: bool) -> None:
+        monkeypatch.setattr(statements, "available", lambda: on)
+
+    return switch
+
+
+def _entries(team):
+    return [
+        (
+            e.entry_type,
+            e.amount_micros,
+            e.held_delta_micros,
+            e.balance_before_micros,
+            e.balance_after_micros,
+            e.idempotency_key.split(":")[0],
+            e.reason,
+            e.actor_label,
+        )
+        for e in LedgerEntry.objects.filter(account__team=team).order_by("id")
+    ]
+
+
+def _account(team):
+    account = CreditAccount.objects.get(team=team)
+    return (
+        account.balance_micros,
+        account.held_micros,
+        account.used_total_micros,
+        account.allocated_total_micros,
+    )
+
+
+def _usage(team, key, **fields):
+    values = {
+        "organization_id": team.organization_id,
+        "team_id": team.pk,
+        "virtual_key": key,
+        "endpoint": "chat",
+        "requested_model": "chat",
+        "provider_model": "openai/mock-a",
+        "prompt_tokens": 7,
+        "completion_tokens": 5,
+        "input_price_per_million_micros": 1_000_000,
+        "output_price_per_million_micros": 2_000_000,
+        "cost_micros": 17,
+        "latency_ms": 12,
+        "status": UsageStatus.SUCCESS,
+        "fallbacks_tried": [{"deployment": "mock-a", "latency_ms": 3}],
+        "metadata": {"trace": "t-1"},
+        "created_at": timezone.now(),
+    }
+    values.update(fields)
+    return values
+
+
+def _record_row(record):
+    return {
+        field.attname: getattr(record, field.attname)
+        for field in UsageRecord._meta.concrete_fields
+        if field.attname not in ("id", "request_id", "team_id", "virtual_key_id")
+    }
+
+
+@pytest.mark.parametrize(
+    "hold, charge",
+    [
+        (3 * MICROS, 2 * MICROS),  # capture and release
+        (3 * MICROS, 3 * MICROS),  # capture of the whole hold, no release
+        (3 * MICROS, 0),  # a failed call: release only
+    ],
+)
+def test_hold_and_settle_write_what_the_services_write(
+    team, twin, orm_only, hold, charge
+):
+    # Given two teams with the same balance, one settled by the statements
+    # and one by the ORM path
+    results = {}
+    at = timezone.now()
+    for subject, statements_on in ((team, True), (twin, False)):
+        orm_only(statements_on)
+        assert statements.available() is statements_on
+        key = None
+        # When a call holds, then settles
+        held = credits_hold(
+            team=subject, amount_micros=hold, request_id=f"r-{subject.pk}"
+        )
+        record = call_settle(
+            team=subject,
+            request_id=f"r-{subject.pk}",
+            charge_micros=charge,
+            held_micros=held,
+            **_usage(subject, key, created_at=at),
+        )
+        results[subject.pk] = (
+            held,
+            _entries(subject),
+            _account(subject),
+            _record_row(UsageRecord.objects.get(pk=record.pk)),
+            record.credits_micros,
+        )
+
+    # Then both wrote the same rows, balances and record
+    assert results[team.pk] == results[twin.pk]
+    held, entries, account, _, credited = results[team.pk]
+    assert held == hold
+    assert credited == charge
+    assert account[:3] == (100 * MICROS - charge, 0, charge)
+    assert [e[0] for e in entries] == (
+        ["allocation", "hold"]
+        + (["capture"] if charge else [])
+        + (["release"] if charge < hold else [])
+    )
+
+
+def test_a_hold_the_balance_does_not_cover_is_refused_with_nothing_written(team):
+    before = (_entries(team), _account(team))
+
+    assert not statements.credits_hold_statement(
+        team_id=team.pk, amount_micros=101 * MICROS, request_id="r-big", job_id=None
+    )
+    with pytest.raises(InsufficientCredits):
+        credits_hold(team=team, amount_micros=101 * MICROS, request_id="r-big")
+
+    assert (_entries(team), _account(team)) == before
+
+
+def test_a_repeated_request_id_holds_once(team):
+    assert credits_hold(team=team, amount_micros=2 * MICROS, request_id="r-1") == (
+        2 * MICROS
+    )
+    after_first = (_entries(team), _account(team))
+
+    # The statement is refused by the unique idempotency key; the service
+    # answers with the hold already there.
+    assert not statements.credits_hold_statement(
+        team_id=team.pk, amount_micros=2 * MICROS, request_id="r-1", job_id=None
+    )
+    assert credits_hold(team=team, amount_micros=2 * MICROS, request_id="r-1") == (
+        2 * MICROS
+    )
+
+    assert (_entries(team), _account(team)) == after_first
+
+
+def test_a_second_settlement_changes_nothing(team):
+    key = None
+    held = credits_hold(team=team, amount_micros=2 * MICROS, request_id="r-1")
+    first = call_settle(
+        team=team,
+        request_id="r-1",
+        charge_micros=MICROS,
+        held_micros=held,
+        **_usage(team, key),
+    )
+    after_first = (_entries(team), _account(team), UsageRecord.objects.count())
+
+    again = call_settle(
+        team=team,
+        request_id="r-1",
+        charge_micros=2 * MICROS,
+        held_micros=held,
+        **_usage(team, key, cost_micros=99),
+    )
+
+    assert again.pk == first.pk
+    assert again.credits_micros == MICROS
+    assert (_entries(team), _account(team), UsageRecord.objects.count()) == after_first
+
+
+def test_a_charge_above_the_hold_goes_to_the_service(team, twin, orm_only):
+    # A provider that overran its estimate: the service takes the rest from
+    # the balance; the statement declines without writing.
+    key = None
+    held = credits_hold(team=team, amount_micros=MICROS, request_id="r-over")
+    assert (
+        statements.call_settle_statement(
+            team_id=team.pk,
+            held_micros=held,
+            charge_micros=3 * MICROS,
+            record=UsageRecord(request_id="r-over", **_usage(team, key)),
+        )
+        is None
+    )
+    assert UsageRecord.objects.count() == 0
+
+    record = call_settle(
+        team=team,
+        request_id="r-over",
+        charge_micros=3 * MICROS,
+        held_micros=held,
+        **_usage(team, key),
+    )
+
+    assert record.credits_micros == 3 * MICROS
+    assert _account(team)[:3] == (97 * MICROS, 0, 3 * MICROS)
+    assert [e[:3] for e in _entries(team)][-1] == ("capture", -2 * MICROS, -MICROS)
+
+
+def test_concurrent_holds_never_overspend(team):
+    # Given 100 credits and 30 threads each holding 4 (25 fit)
+    barrier = threading.Barrier(30)
+    held: list[bool] = []
+
+    def hold(n: int) -> None:
+        try:
+            barrier.wait()
+            held.append(
+                statements.credits_hold_statement(
+                    team_id=team.pk,
+                    amount_micros=4 * MICROS,
+                    request_id=f"r-{n}",
+                    job_id=None,
+                )
+            )
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then exactly 25 held, and the balance is 0 with 100 held
+    assert held.count(True) == 25
+    assert _account(team)[:2] == (0, 100 * MICROS)
+    assert LedgerEntry.objects.filter(entry_type="hold").count() == 25
