@@ -10,8 +10,9 @@ update) is picked up too.
 
 import logging
 
-from django.core.cache import cache
 from django.db import transaction
+
+from gateway_project.cache import cache
 
 logger = logging.getLogger(__name__)
 

@@ -84,13 +84,20 @@ MIDDLEWARE = [
     "gateway_project.middleware.RequestIdMiddleware",
     "gateway_project.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "gateway_project.middleware.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+# /v1/ (the OpenAI-compatible API) runs behind these only (asgi.py).
+API_MIDDLEWARE = [
+    "gateway_project.middleware.RequestIdMiddleware",
+    "gateway_project.middleware.DatabaseUnavailableMiddleware",
+    "gateway_project.middleware.ApiMiddleware",
 ]
 
 ROOT_URLCONF = "gateway_project.urls"

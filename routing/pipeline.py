@@ -1,7 +1,7 @@
 """The request path of DESIGN.md: authenticate, validate, resolve the model
 group, route with fallback, record exactly one usage record.
 
-Database and cache work runs in worker threads (``sync_to_async``), bundled so
+Database and cache work runs in worker threads (``in_thread``), bundled so
 that a call makes few hops; provider calls run on the event loop and never
 inside a database transaction. Limits (step 3), money (step 4) and the response
 cache (step 5) have their places marked; they arrive with the next issue.
@@ -20,9 +20,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from functools import partial
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.cache import cache
 from django.db import connection, transaction
 from django.http import (
     HttpRequest,
@@ -43,9 +41,11 @@ from billing.services import (
     usage_cost_micros,
 )
 from gateway_project import metrics
+from gateway_project.cache import cache
 from gateway_project.errors import GatewayError, NotFound
 from gateway_project.generations import ROUTING
 from gateway_project.money import MICROS
+from gateway_project.threads import in_thread
 from routing import limits, providers, response_cache
 from routing.models import DeploymentStatus, ModelGroup, ModelGroupStatus
 from routing.providers import ProviderError, Target
@@ -358,6 +358,16 @@ def _deployment_admit(
         return False, None
 
 
+async def _deployment_admit_async(
+    call: Call, target: Target
+) -> tuple[bool, limits.Admission | None]:
+    """_deployment_admit, with no trip to a worker thread when the deployment
+    has no limits of its own (the common case)."""
+    if target.rpm_limit is None and target.tpm_limit is None:
+        return True, None
+    return await in_thread(_deployment_admit, call, target)
+
+
 def _all_failed(call: Call, tried: list[ProviderError]) -> GatewayError:
     if not tried:
         return GatewayError(
@@ -379,7 +389,7 @@ def _all_failed(call: Call, tried: list[ProviderError]) -> GatewayError:
 async def _attempt_all(call: Call) -> tuple[Target, providers.Completion]:
     tried: list[ProviderError] = []
     for target in _candidates(call):
-        admitted, admission = await sync_to_async(_deployment_admit)(call, target)
+        admitted, admission = await _deployment_admit_async(call, target)
         if not admitted:
             continue
         started = time.monotonic()
@@ -393,7 +403,7 @@ async def _attempt_all(call: Call) -> tuple[Target, providers.Completion]:
                     error.message, code=error.code, http_status=error.status
                 ) from None
             tried.append(error)
-            await sync_to_async(_record_failure)(target.deployment_id, error)
+            await in_thread(_record_failure, target.deployment_id, error)
             continue
         call.attempts.append(_attempt(target, started, None))
         limits.release(
@@ -588,6 +598,7 @@ def _record(
         team=call.key.team,
         request_id=call.request_id,
         budget_reserved_micros=call.budget_reserved_micros,
+        held_micros=call.held_micros,
         charge_micros=_charge(
             call,
             cost_micros=cost,
@@ -713,7 +724,7 @@ async def prepare(
         _connection_release()
         return call
 
-    return await sync_to_async(prepared)()
+    return await in_thread(prepared)
 
 
 async def complete(call: Call) -> tuple[Target | None, providers.Completion]:
@@ -723,14 +734,15 @@ async def complete(call: Call) -> tuple[Target | None, providers.Completion]:
     try:
         target, completion = await _attempt_all(call)
     except GatewayError as error:
-        await sync_to_async(_record)(
-            call, target=None, status=UsageStatus.ERROR, error=error
+        await in_thread(
+            _record, call, target=None, status=UsageStatus.ERROR, error=error
         )
         raise
     source = (
         UsageSource.PROVIDER if completion.usage_reported else UsageSource.ESTIMATED
     )
-    await sync_to_async(_record)(
+    await in_thread(
+        _record,
         call,
         target=target,
         status=UsageStatus.SUCCESS,
@@ -746,8 +758,8 @@ async def complete(call: Call) -> tuple[Target | None, providers.Completion]:
             "completion_tokens": completion.completion_tokens,
             "deployment": target.deployment_id,
         }
-        await sync_to_async(response_cache.store)(
-            call.cache_key, entry, call.key.team.cache_ttl_seconds
+        await in_thread(
+            response_cache.store, call.cache_key, entry, call.key.team.cache_ttl_seconds
         )
     return target, completion
 
@@ -760,7 +772,8 @@ async def _from_cache(call: Call) -> providers.Completion:
     target = next(
         (t for t in call.targets if t.deployment_id == entry.get("deployment")), None
     )
-    await sync_to_async(_record)(
+    await in_thread(
+        _record,
         call,
         target=target,
         status=UsageStatus.SUCCESS,
@@ -854,7 +867,7 @@ async def _stream(call: Call) -> HttpResponseBase:
     relay chunk by chunk. Failures before the first chunk fall back."""
     tried: list[ProviderError] = []
     for target in _candidates(call):
-        admitted, admission = await sync_to_async(_deployment_admit)(call, target)
+        admitted, admission = await _deployment_admit_async(call, target)
         if not admitted:
             continue
         started = time.monotonic()
@@ -878,12 +891,16 @@ async def _stream(call: Call) -> HttpResponseBase:
                 gateway_error = GatewayError(
                     error.message, code=error.code, http_status=error.status
                 )
-                await sync_to_async(_record)(
-                    call, target=None, status=UsageStatus.ERROR, error=gateway_error
+                await in_thread(
+                    _record,
+                    call,
+                    target=None,
+                    status=UsageStatus.ERROR,
+                    error=gateway_error,
                 )
                 raise gateway_error from None
             tried.append(error)
-            await sync_to_async(_record_failure)(target.deployment_id, error)
+            await in_thread(_record_failure, target.deployment_id, error)
             continue
         call.attempts.append(_attempt(target, started, None))
         # The deployment keeps the estimate reserved: a stream settles later.
@@ -895,9 +912,7 @@ async def _stream(call: Call) -> HttpResponseBase:
         response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
         return _headers(response, call, target)
     refusal = _all_failed(call, tried)
-    await sync_to_async(_record)(
-        call, target=None, status=UsageStatus.ERROR, error=refusal
-    )
+    await in_thread(_record, call, target=None, status=UsageStatus.ERROR, error=refusal)
     raise refusal
 
 
@@ -959,7 +974,8 @@ async def _relay(
             call, target, usage, usage_estimated, "".join(text), status, error
         )
         if status == UsageStatus.SUCCESS and call.cache_key is not None and usage:
-            await sync_to_async(response_cache.store)(
+            await in_thread(
+                response_cache.store,
                 call.cache_key,
                 _stream_entry(call, target, "".join(text), usage),
                 call.key.team.cache_ttl_seconds,
@@ -1011,7 +1027,8 @@ async def _settle_stream(
     # The client may be gone and this task cancelled: shield the write so that
     # what was generated is recorded all the same.
     await asyncio.shield(
-        sync_to_async(_record)(
+        in_thread(
+            _record,
             call,
             target=target,
             status=status,
@@ -1032,7 +1049,7 @@ async def models(request: HttpRequest) -> JsonResponse:
             virtual_key_authenticate(plaintext=presented_key(request))
         )
 
-    listed = await sync_to_async(groups)()
+    listed = await in_thread(groups)
     return JsonResponse(
         {
             "object": "list",
@@ -1116,7 +1133,7 @@ async def generate(request: HttpRequest) -> HttpResponseBase:
         )
         return groups[0].group_name if len(groups) == 1 else None
 
-    chat = generate_body(body, await sync_to_async(default_model)())
+    chat = generate_body(body, await in_thread(default_model))
     call = await prepare(request, "chat", chat)
     target, completion = await complete(call)
     choice = (completion.body.get("choices") or [{}])[0]

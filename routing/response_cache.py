@@ -11,9 +11,9 @@ import hashlib
 import json
 from typing import Any
 
-from django.core.cache import cache
 from django.http import HttpRequest
 
+from gateway_project.cache import cache
 from tenants.models import CacheMode, Team
 
 # The request fields that change what a model answers.

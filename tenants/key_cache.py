@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
+from gateway_project.cache import cache
 from gateway_project.generations import generation_bump, generation_changed
 from tenants.models import KeyStatus, Organization, Team, VirtualKey
 
