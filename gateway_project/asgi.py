@@ -5,11 +5,15 @@ import os
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 
+import asyncio
+import contextlib
 from typing import Any
 
 from django.conf import settings
 from django.core.asgi import get_asgi_application
-from django.core.handlers.asgi import ASGIHandler
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.urls import set_script_prefix
 
 django_application = get_asgi_application()
 
@@ -28,6 +32,52 @@ class ApiHandler(ASGIHandler):
         # long-lived thread, and the views' own work runs in_thread
         # (threads.py).
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Any, receive: Any, send: Any) -> None:
+        """Django's ASGIHandler.handle without the request_started and
+        request_finished signals. Their receivers close the stale database
+        connections and caches of the thread they run in, and a /v1/ view
+        keeps none between hops (threads.py hands each hop's connection back
+        to the pool); each signal was a trip to a worker thread per call."""
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            body_file.close()
+            if error_response is not None:
+                await self.send_response(error_response, send)
+            return
+
+        async def process_request() -> Any:
+            response = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # client gone
+                await self.send_response(response, send)
+            return response
+
+        # As Django does: a client that disconnects cancels the view (a
+        # stream then settles what was generated, pipeline._relay).
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request()),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        body_file.close()
 
     def load_middleware(self, is_async: bool = False) -> None:
         full = settings.MIDDLEWARE
