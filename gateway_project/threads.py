@@ -13,9 +13,9 @@ as ``sync_to_async`` would send them.
 
 import asyncio
 import contextvars
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any, TypeVar
 
 from asgiref.sync import AsyncToSync, sync_to_async
@@ -24,18 +24,58 @@ from django.db import connection
 
 T = TypeVar("T")
 
-_executor: ThreadPoolExecutor | None = None
+
+class _Workers:
+    """Long-lived threads taking calls from one queue. Leaner than a
+    ThreadPoolExecutor behind run_in_executor (no concurrent future chained
+    to an asyncio one, no idle-thread bookkeeping per call): the request
+    path makes two hops per call."""
+
+    def __init__(self, count: int) -> None:
+        self.calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for number in range(count):
+            threading.Thread(
+                target=self._work, name=f"gateway-io-{number}", daemon=True
+            ).start()
+
+    def _work(self) -> None:
+        while True:
+            loop, future, context, function, args, kwargs = self.calls.get()
+            try:
+                result = context.run(_released, function, *args, **kwargs)
+            except BaseException as error:  # handed to the awaiting task
+                loop.call_soon_threadsafe(_settle, future, None, error)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        # One thread per pooled database connection: more would only queue
-        # for a connection.
-        pool = settings.DATABASES["default"].get("OPTIONS", {}).get("pool") or {}
-        workers = max(4, pool.get("max_size", 8) if isinstance(pool, dict) else 8)
-        _executor = ThreadPoolExecutor(workers, thread_name_prefix="gateway-io")
-    return _executor
+def _settle(
+    future: "asyncio.Future[Any]", result: Any, error: BaseException | None
+) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+_workers: _Workers | None = None
+_workers_lock = threading.Lock()
+
+
+def _pool() -> _Workers:
+    global _workers
+    if _workers is None:
+        with _workers_lock:
+            if _workers is None:
+                # One thread per pooled database connection: more would only
+                # queue for a connection.
+                options = settings.DATABASES["default"].get("OPTIONS", {})
+                pool = options.get("pool") or {}
+                size = pool.get("max_size", 8) if isinstance(pool, dict) else 8
+                _workers = _Workers(max(4, size))
+    return _workers
 
 
 def _released(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -52,8 +92,9 @@ async def in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if getattr(AsyncToSync.executors, "current", None) is not None:
         result: T = await sync_to_async(function)(*args, **kwargs)
         return result
-    context = contextvars.copy_context()
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        _pool(), partial(context.run, _released, function, *args, **kwargs)
+    future: asyncio.Future[T] = loop.create_future()
+    _pool().calls.put(
+        (loop, future, contextvars.copy_context(), function, args, kwargs)
     )
+    return await future
