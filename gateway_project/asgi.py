@@ -27,10 +27,8 @@ class ApiHandler(ASGIHandler):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # Without Django's per-request ThreadSensitiveContext, which starts and
-        # joins an OS thread per request for the request_started and
-        # request_finished signals; those few thread-sensitive hops share one
-        # long-lived thread, and the views' own work runs in_thread
-        # (threads.py).
+        # joins an OS thread per request: nothing here is thread-sensitive
+        # (no signals, below; the views' work runs in_thread, threads.py).
         await self.handle(scope, receive, send)
 
     async def handle(self, scope: Any, receive: Any, send: Any) -> None:

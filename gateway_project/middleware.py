@@ -124,10 +124,9 @@ class ApiMiddleware(SecurityMiddleware):
     and the Content-Length that CommonMiddleware sets elsewhere."""
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        redirect = self.process_request(request)
-        if redirect is not None:
-            return redirect
-        response: Any = await self.get_response(request)  # type: ignore[misc]
+        response: Any = self.process_request(request)
+        if response is None:
+            response = await self.get_response(request)  # type: ignore[misc]
         response = self.process_response(request, response)
         if not response.streaming and not response.has_header("Content-Length"):
             response.headers["Content-Length"] = str(len(response.content))

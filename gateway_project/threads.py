@@ -79,6 +79,9 @@ def _pool() -> _Workers:
 
 
 def _released(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run, then give the thread's database connection back to the pool, so
+    that none is held while the provider works. Never inside a transaction
+    (tests run in one)."""
     try:
         return function(*args, **kwargs)
     finally:
@@ -90,7 +93,7 @@ async def in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking ``function`` off the event loop and await its result;
     context variables (request id, client address) go with it."""
     if getattr(AsyncToSync.executors, "current", None) is not None:
-        result: T = await sync_to_async(function)(*args, **kwargs)
+        result: T = await sync_to_async(_released)(function, *args, **kwargs)
         return result
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()

@@ -1,10 +1,10 @@
 """The request path of DESIGN.md: authenticate, validate, resolve the model
 group, route with fallback, record exactly one usage record.
 
-Database and cache work runs in worker threads (``in_thread``), bundled so
-that a call makes few hops; provider calls run on the event loop and never
-inside a database transaction. Limits (step 3), money (step 4) and the response
-cache (step 5) have their places marked; they arrive with the next issue.
+Database and cache work runs in worker threads (``in_thread``, which hands
+each hop's database connection back to the pool), bundled so that a call makes
+two hops; provider calls run on the event loop and never inside a database
+transaction.
 """
 
 import asyncio
@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.http import (
     HttpRequest,
     HttpResponseBase,
@@ -636,15 +636,6 @@ def _record(
     if succeeded:
         virtual_key_touch(key=call.key)
     _count(call, record, succeeded=succeeded)
-    _connection_release()
-
-
-def _connection_release() -> None:
-    """Give this thread's database connection back to the pool while the
-    provider works (or once the call is settled); the next step takes one
-    again. Never inside a transaction (tests run in one)."""
-    if not connection.in_atomic_block:
-        connection.close()
 
 
 def _count(call: Call, record: UsageRecord, *, succeeded: bool) -> None:
@@ -721,7 +712,6 @@ async def prepare(
                 call.key.team, call.group.group_name, endpoint, body
             )
             call.cached = response_cache.lookup(call.cache_key)
-        _connection_release()
         return call
 
     return await in_thread(prepared)

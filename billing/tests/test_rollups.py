@@ -19,6 +19,7 @@ from django.utils import timezone
 from billing.models import RollupState, UsageRecord, UsageRollup, UsageStatus
 from billing.rollups import (
     LATENCY_BUCKETS_MS,
+    SUMS,
     latency_bucket,
     latency_histogram_merge,
     latency_percentiles,
@@ -35,19 +36,6 @@ GRACE = timedelta(seconds=120)
 FIRST_HOUR = datetime(2026, 3, 1, 22, tzinfo=UTC)
 HOURS = [FIRST_HOUR + timedelta(hours=n) for n in range(4)]
 DAY_1, DAY_2 = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 2, tzinfo=UTC)
-SUMS = (
-    "requests",
-    "successes",
-    "errors",
-    "cache_hits",
-    "fallbacks",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_micros",
-    "credits_micros",
-    "latency_sum_ms",
-)
 # A deployment failed, the next one served: the call fell back.
 FALLBACK = [
     {"deployment": "mock-z", "error_code": "rate_limited", "latency_ms": 9},
