@@ -89,17 +89,21 @@ class LedgerEntry(models.Model):
     (0, -c), a release of r is (+r, -r).
     """
 
+    # Indexed by (account, -created_at) below; each index costs every movement.
     account = models.ForeignKey(
-        CreditAccount, on_delete=models.PROTECT, related_name="entries"
+        CreditAccount,
+        on_delete=models.PROTECT,
+        related_name="entries",
+        db_index=False,
     )
     entry_type = models.CharField(max_length=16, choices=LedgerEntryType.choices)
     amount_micros = models.BigIntegerField()
     held_delta_micros = models.BigIntegerField(default=0)
     balance_before_micros = models.BigIntegerField()
     balance_after_micros = models.BigIntegerField()
-    idempotency_key = models.CharField(max_length=200, unique=True)
+    idempotency_key = models.CharField(max_length=200)  # unique: Meta
     reason = models.CharField(max_length=500, blank=True)
-    request_id = models.CharField(max_length=64, blank=True, db_index=True)
+    request_id = models.CharField(max_length=64, blank=True)  # indexed: Meta
     job = models.ForeignKey(
         "billing.Job", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
@@ -127,8 +131,16 @@ class LedgerEntry(models.Model):
                 condition=Q(entry_type__in=LedgerEntryType.values),
                 name="billing_ledger_type_valid",
             ),
+            # In Meta rather than unique=True/db_index=True on the fields, which
+            # on PostgreSQL add a second (LIKE) index that nothing queries.
+            models.UniqueConstraint(
+                fields=["idempotency_key"], name="billing_ledger_idempotency_unique"
+            ),
         ]
-        indexes = [models.Index(fields=["account", "-created_at"])]
+        indexes = [
+            models.Index(fields=["account", "-created_at"]),
+            models.Index(fields=["request_id"], name="billing_ledger_request_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.entry_type} {self.amount_micros} ({self.idempotency_key})"
@@ -256,17 +268,38 @@ class UsageRecord(models.Model):
     so later price changes never rewrite history.
     """
 
-    request_id = models.CharField(max_length=64, unique=True)
+    request_id = models.CharField(max_length=64)  # unique: Meta
+    # Every call inserts a row here, and pays for each index and each foreign
+    # key check. The references every call carries (organization, team, key,
+    # model group, deployment) are therefore not checked by the database: a
+    # check locks the referenced row (FOR KEY SHARE) on every call, so all
+    # concurrent calls of a team queued on its row, and the checks were half
+    # of the settlement's time in PostgreSQL. Django still refuses to delete a
+    # referenced row (PROTECT is enforced by the ORM, whose deletions
+    # query for referencing usage first). The keys that lead an
+    # (x, created_at) index in Meta have no index of their own.
     organization = models.ForeignKey(
-        "tenants.Organization", on_delete=models.PROTECT, related_name="+"
+        "tenants.Organization",
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
-    team = models.ForeignKey("tenants.Team", on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey(
+        "tenants.Team",
+        on_delete=models.PROTECT,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
     virtual_key = models.ForeignKey(
         "tenants.VirtualKey",
         null=True,
         blank=True,
         on_delete=models.PROTECT,
         related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
     model_group = models.ForeignKey(
         "routing.ModelGroup",
@@ -274,6 +307,8 @@ class UsageRecord(models.Model):
         blank=True,
         on_delete=models.PROTECT,
         related_name="+",
+        db_index=False,
+        db_constraint=False,
     )
     deployment = models.ForeignKey(
         "routing.Deployment",
@@ -281,6 +316,7 @@ class UsageRecord(models.Model):
         blank=True,
         on_delete=models.PROTECT,
         related_name="+",
+        db_constraint=False,
     )
     job = models.ForeignKey(
         Job,
@@ -326,6 +362,10 @@ class UsageRecord(models.Model):
             models.CheckConstraint(
                 condition=Q(total_tokens=F("prompt_tokens") + F("completion_tokens")),
                 name="billing_usage_total_tokens_sum",
+            ),
+            # Not unique=True, which on PostgreSQL adds an unused LIKE index.
+            models.UniqueConstraint(
+                fields=["request_id"], name="billing_usage_request_unique"
             ),
         ]
         indexes = [

@@ -22,6 +22,7 @@ import uuid
 from functools import cache
 from typing import Any
 
+import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -53,8 +54,9 @@ def _hold_sql() -> str:
         )
         INSERT INTO {ledger} ({_LEDGER_COLUMNS})
         SELECT id, '{LedgerEntryType.HOLD}', -%(amount)s, %(amount)s,
-               balance_micros + %(amount)s, balance_micros, %(key)s, '',
-               %(request)s, %(job)s, NULL, 'gateway', %(now)s
+               balance_micros + %(amount)s, balance_micros, %(key)s::text, '',
+               %(request)s::text, %(job)s::uuid, NULL, 'gateway',
+               %(now)s::timestamptz
           FROM moved
         RETURNING id
     """  # noqa: S608
@@ -87,8 +89,8 @@ def _settle_sql() -> str:
         ledger AS (
             INSERT INTO {ledger} ({_LEDGER_COLUMNS})
             SELECT account.id, v.entry_type, v.amount, v.held_delta, account.before,
-                   account.before + v.amount, v.key, '', %s, NULL, NULL,
-                   'gateway', %s
+                   account.before + v.amount, v.key, '', %s::text, NULL,
+                   NULL, 'gateway', %s::timestamptz
               FROM account,
                    (VALUES (1, '{LedgerEntryType.CAPTURE}', 0::bigint,
                             -%s::bigint, %s::text),
@@ -117,7 +119,19 @@ def _run(sql: str, params: Any) -> int | None:
 
 
 def _execute(sql: str, params: Any) -> int | None:
-    with connection.cursor() as cursor:
+    # A server-binding cursor rather than Django's client-binding one: the
+    # values travel apart from the SQL (no quoting and splicing on every call),
+    # and psycopg prepares a statement it has run a few times on a connection
+    # (``prepare_threshold``), so PostgreSQL stops parsing and planning it.
+    # Django's wrapper stays around it (query logging, error translation).
+    connection.ensure_connection()
+    raw: Any = psycopg.Cursor(connection.connection)  # the stubs want a wrapper
+    wrapped = (
+        connection.make_debug_cursor(raw)
+        if connection.queries_logged
+        else connection.make_cursor(raw)
+    )
+    with wrapped as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else int(row[0])

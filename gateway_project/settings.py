@@ -138,6 +138,13 @@ if _database["ENGINE"] == "django.db.backends.postgresql":
     else:
         _database["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 0)
         _database["CONN_HEALTH_CHECKS"] = True
+    # The request path's two money statements (billing/statements.py) are
+    # prepared on each connection at their second use, so PostgreSQL stops
+    # parsing and planning them per call. Django's own queries never are (they
+    # bind on the client). Off for a pooler that cannot keep prepared
+    # statements (PgBouncer before 1.21 in transaction mode).
+    if env_bool("DATABASE_PREPARED_STATEMENTS", True):
+        _database.setdefault("OPTIONS", {})["prepare_threshold"] = 1
 # Transactions stay short and explicit (services); never one per request, which
 # would hold a transaction open across a provider call.
 _database["ATOMIC_REQUESTS"] = False

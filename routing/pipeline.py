@@ -52,6 +52,7 @@ from routing.providers import ProviderError, Target
 from tenants.authentication import (
     presented_key,
     virtual_key_authenticate,
+    virtual_key_cache_names,
     virtual_key_touch,
 )
 from tenants.key_cache import key_allowed_group_ids
@@ -168,15 +169,24 @@ def routes_forget() -> None:
     _routes.clear()
 
 
-def _route(name: str) -> tuple[Route, dict[str, Any]]:
-    """The route of a group name and the cooldowns of its deployments, in one
-    cache round trip when the kept route is current (its generation matches
-    and it is younger than GATEWAY_ROUTE_CACHE_SECONDS)."""
-    route = _routes.get(name)
+def _route_names(name: Any) -> tuple[Route | None, list[str]]:
+    """The route kept for a group name, if any, and the cache entries that
+    tell whether it is current and which of its deployments cool down."""
+    route = _routes.get(name) if isinstance(name, str) else None
     cooldowns = (
         [_cooldown_key(m.target.deployment_id) for m in route.members] if route else []
     )
-    found = cache.get_many([ROUTING, *cooldowns])
+    return route, [ROUTING, *cooldowns]
+
+
+def _route(
+    name: str, route: Route | None, found: dict[str, Any]
+) -> tuple[Route, dict[str, Any]]:
+    """The route of a group name and the cooldowns of its deployments. With
+    ``route`` and ``found`` from ``_route_names`` (read in the call's one
+    cache round trip) nothing more is read while the kept route is current:
+    its generation matches and it is younger than
+    GATEWAY_ROUTE_CACHE_SECONDS."""
     generation = found.get(ROUTING, 0)
     now = time.monotonic()
     if (
@@ -239,10 +249,14 @@ def _cooldown_key(deployment_id: int) -> str:
 def _prepare(
     request: HttpRequest, endpoint: str, body: dict[str, Any], job_id: str | None = None
 ) -> Call:
-    """Authenticate, validate and resolve in one trip to the worker thread."""
-    key = virtual_key_authenticate(plaintext=presented_key(request))
+    """Authenticate, validate and resolve in one trip to the worker thread,
+    reading the key's cache entry and the route's in one round trip."""
+    plaintext = presented_key(request)
+    kept, route_names = _route_names(body.get("model"))
+    found = cache.get_many([*virtual_key_cache_names(plaintext), *route_names])
+    key = virtual_key_authenticate(plaintext=plaintext, prefetched=found)
     _validate(endpoint, body)
-    route, cooling = _route(body["model"])
+    route, cooling = _route(body["model"], kept, found)
     group = route.group
     if group is None:
         raise ModelNotFound(

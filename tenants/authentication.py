@@ -1,11 +1,13 @@
 """Authenticating a team's virtual key: the one implementation the management
 API, the tenant API and the inference path all use."""
 
+from typing import Any
+
 from django.http import HttpRequest
 from django.utils import timezone
 
 from gateway_project.errors import GatewayError
-from tenants.key_cache import key_last_used_stamp, key_lookup
+from tenants.key_cache import key_cache_names, key_last_used_stamp, key_lookup
 from tenants.keys import key_matches, key_parse
 from tenants.models import Status, VirtualKey
 from tenants.services import key_state
@@ -42,8 +44,19 @@ def looks_like_virtual_key(credential: str) -> bool:
     return key_parse(credential) is not None
 
 
-def virtual_key_authenticate(*, plaintext: str | None) -> VirtualKey:
-    """The key (with its team and organization) for a presented secret.
+def virtual_key_cache_names(plaintext: str | None) -> list[str]:
+    """The cache entries authenticating ``plaintext`` reads (none for a
+    malformed key), to be read with others in one round trip and handed to
+    ``virtual_key_authenticate(prefetched=...)``."""
+    public_id = key_parse(plaintext) if plaintext else None
+    return key_cache_names(public_id) if public_id else []
+
+
+def virtual_key_authenticate(
+    *, plaintext: str | None, prefetched: dict[str, Any] | None = None
+) -> VirtualKey:
+    """The key (with its team and organization) for a presented secret;
+    ``prefetched`` holds the entries of ``virtual_key_cache_names`` if read.
 
     Raises MissingApiKey, InvalidApiKey (unknown, wrong secret, revoked,
     expired, or rotated past its grace period: one message for all), and
@@ -54,7 +67,7 @@ def virtual_key_authenticate(*, plaintext: str | None) -> VirtualKey:
             "Missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"
         )
     public_id = key_parse(plaintext)
-    key = key_lookup(public_id) if public_id else None
+    key = key_lookup(public_id, prefetched=prefetched) if public_id else None
     # Unknown id and wrong secret are indistinguishable; the digest comparison
     # is constant-time.
     if key is None or not key_matches(plaintext, key.digest):

@@ -75,15 +75,27 @@ def key_allowed_group_ids(key: VirtualKey) -> frozenset[int]:
     return frozenset(cached)
 
 
-def key_lookup(public_id: str) -> VirtualKey | None:
+def key_cache_names(public_id: str) -> list[str]:
+    """The cache entries ``key_lookup`` reads, for a caller that reads them
+    together with its own in one round trip."""
+    return [GENERATION, _entry_name(public_id)]
+
+
+def key_lookup(
+    public_id: str, *, prefetched: dict[str, Any] | None = None
+) -> VirtualKey | None:
     """The key with this public id, from the cache when its entry is current,
-    else from the database (then cached). Unknown ids are not cached."""
+    else from the database (then cached). Unknown ids are not cached.
+    ``prefetched``: the entries of ``key_cache_names``, already read."""
     name = _entry_name(public_id)
-    try:
-        found = cache.get_many([GENERATION, name])
-    except Exception as error:  # Redis down: the database decides alone
-        logger.warning("key cache unavailable, reading the database: %s", error)
-        return _load(public_id)
+    if prefetched is not None:
+        found = prefetched
+    else:
+        try:
+            found = cache.get_many(key_cache_names(public_id))
+        except Exception as error:  # Redis down: the database decides alone
+            logger.warning("key cache unavailable, reading the database: %s", error)
+            return _load(public_id)
     generation = found.get(GENERATION, 0)
     entry = found.get(name)
     if entry is not None and entry["generation"] == generation:

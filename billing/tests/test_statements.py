@@ -273,3 +273,31 @@ def test_concurrent_holds_never_overspend(team):
     assert held.count(True) == 25
     assert _account(team)[:2] == (0, 100 * MICROS)
     assert LedgerEntry.objects.filter(entry_type="hold").count() == 25
+
+
+def test_the_hold_is_prepared_on_its_connection_at_its_second_use(team):
+    # Given a connection that has prepared nothing (psycopg notices the
+    # DEALLOCATE and forgets its own list too), where the hold ran once
+    connection = connections["default"]
+    connection.ensure_connection()
+    connection.connection.execute("DEALLOCATE ALL")
+    credits_hold(team=team, amount_micros=MICROS, request_id="r-first")
+    assert _prepared_holds() == 0
+
+    # When it runs again
+    credits_hold(team=team, amount_micros=MICROS, request_id="r-second")
+
+    # Then PostgreSQL keeps it prepared: no more parsing and planning per call
+    assert _prepared_holds() == 1
+    assert LedgerEntry.objects.filter(entry_type="hold").count() == 2
+
+
+def _prepared_holds() -> int:
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_prepared_statements "
+            "WHERE statement LIKE %s AND statement LIKE %s",
+            [f"%UPDATE {CreditAccount._meta.db_table}%", "%'hold'%"],
+        )
+        (count,) = cursor.fetchone()
+    return int(count)

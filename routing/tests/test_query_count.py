@@ -2,6 +2,7 @@
 trip to every call must change this number on purpose."""
 
 import pytest
+from redis.connection import AbstractConnection
 
 from billing import statements
 from billing.models import UsageRecord
@@ -23,6 +24,10 @@ QUERIES_PER_CALL = 2
 # record's idempotency read, the ledger rows of the request, capture, balance
 # update, usage record, COMMIT: 8).
 QUERIES_PER_CALL_ORM = 14
+# Redis round trips of a call under rate limits: one MGET for the key's cache
+# entry with the route's generation and its deployments' cooldowns, the limit
+# script, and the pipeline that corrects the tokens and frees the slot.
+REDIS_ROUND_TRIPS_PER_CALL = 3
 
 
 @pytest.mark.parametrize(
@@ -48,3 +53,34 @@ def test_a_chat_call_makes_a_pinned_number_of_queries(
 
     assert response.status_code == 200
     assert UsageRecord.objects.count() == 2
+
+
+def test_a_chat_call_makes_a_pinned_number_of_redis_round_trips(
+    client, team, monkeypatch
+):
+    team.rpm_limit = 1_000
+    team.save(update_fields=["rpm_limit"])
+    _, plaintext = virtual_key_issue(team=team)
+
+    def call():
+        return client.post(
+            "/v1/chat/completions",
+            CHAT,
+            content_type="application/json",
+            HTTP_X_API_KEY=plaintext,
+        )
+
+    assert call().status_code == 200  # warms the key cache, loads the script
+    sent = []
+    send = AbstractConnection.send_packed_command
+
+    def counted(self, command, *args, **kwargs):
+        sent.append(command)  # a pipeline sends its commands at once
+        return send(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    response = call()
+
+    assert response.status_code == 200
+    assert response["x-ratelimit-limit-requests"] == "1000"
+    assert len(sent) == REDIS_ROUND_TRIPS_PER_CALL
