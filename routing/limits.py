@@ -10,6 +10,7 @@ default) the same rules run in-process.
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,8 +179,17 @@ def acquire(
 def release(admission: Admission | None, *, actual_tokens: int) -> None:
     """After the call: correct the token reservation to what was used and free
     the concurrency slot. Safe to call twice."""
+    release_start(admission, actual_tokens=actual_tokens)()
+
+
+def release_start(
+    admission: Admission | None, *, actual_tokens: int
+) -> Callable[[], None]:
+    """``release``, sent now and completed by calling what it returns: the
+    caller's own I/O (the settlement) runs while Redis answers, instead of one
+    round trip after the other. Safe to call twice."""
     if admission is None or admission.released:
-        return
+        return _nothing
     admission.released = True
     correction = actual_tokens - admission.estimate
     operations = []
@@ -188,9 +198,15 @@ def release(admission: Admission | None, *, actual_tokens: int) -> None:
         operations.append((tokens, correction))
         operations.append((running, -1))
     try:
-        _backend().adjust(operations)
+        finish: Callable[[], None] = _backend().adjust_start(operations)
     except Exception as error:  # Redis down: the keys expire on their own
         logger.warning("rate limiter release failed: %s", error)
+        return _nothing
+    return finish
+
+
+def _nothing() -> None:
+    return None
 
 
 # --- backends --------------------------------------------------------------------------
@@ -206,11 +222,32 @@ class _RedisBackend:
     def acquire(self, keys: list[str], argv: list[int]) -> list[Any]:
         return list(self.script(keys=keys, args=argv))
 
-    def adjust(self, operations: list[tuple[str, int]]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for key, delta in operations:
-            pipe.incrby(key, delta)
-        pipe.execute()
+    def adjust_start(self, operations: list[tuple[str, int]]) -> Callable[[], None]:
+        """Send the INCRBYs at once, as a pipeline would; the replies are read
+        by the function returned, which also gives the connection back."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command(
+                connection.pack_commands(
+                    [("INCRBY", key, delta) for key, delta in operations]
+                )
+            )
+        except BaseException:
+            pool.release(connection)
+            raise
+
+        def finish() -> None:
+            try:
+                for _ in operations:
+                    connection.read_response()
+            except Exception as error:  # the keys expire on their own
+                connection.disconnect()  # replies may be left unread
+                logger.warning("rate limiter release failed: %s", error)
+            finally:
+                pool.release(connection)
+
+        return finish
 
 
 class _MemoryBackend:
@@ -243,10 +280,11 @@ class _MemoryBackend:
                 self.values[running_key] = self.values.get(running_key, 0) + 1
             return [0, *state]
 
-    def adjust(self, operations: list[tuple[str, int]]) -> None:
+    def adjust_start(self, operations: list[tuple[str, int]]) -> Callable[[], None]:
         with self.lock:
             for key, delta in operations:
                 self.values[key] = self.values.get(key, 0) + delta
+        return _nothing
 
 
 _backends: dict[str, Any] = {}

@@ -589,8 +589,42 @@ def _record(
     cached: bool = False,
 ) -> None:
     """Step 7: the usage record, the capture and the release, at once; the
-    rate-limit reservation is corrected to the tokens used."""
-    limits.release(call.admission, actual_tokens=prompt_tokens + completion_tokens)
+    rate-limit reservation is corrected to the tokens used (sent first, and
+    its reply read after the settlement: one wait for both)."""
+    released = limits.release_start(
+        call.admission, actual_tokens=prompt_tokens + completion_tokens
+    )
+    try:
+        record = _settle(
+            call,
+            target=target,
+            status=status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            usage_source=usage_source,
+            error=error,
+            streamed=streamed,
+            cached=cached,
+        )
+    finally:
+        released()
+    if record.status in (UsageStatus.SUCCESS, UsageStatus.CLIENT_DISCONNECTED):
+        virtual_key_touch(key=call.key)
+    _count(call, record)
+
+
+def _settle(
+    call: Call,
+    *,
+    target: Target | None,
+    status: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    usage_source: str,
+    error: GatewayError | None,
+    streamed: bool,
+    cached: bool,
+) -> UsageRecord:
     input_price, output_price = (
         call.prices.get(target.deployment_id, (0, 0)) if target else (0, 0)
     )
@@ -647,12 +681,10 @@ def _record(
         metadata=metadata if isinstance(metadata, dict) else {},
         created_at=timezone.now(),
     )
-    if succeeded:
-        virtual_key_touch(key=call.key)
-    _count(call, record, succeeded=succeeded)
+    return record
 
 
-def _count(call: Call, record: UsageRecord, *, succeeded: bool) -> None:
+def _count(call: Call, record: UsageRecord) -> None:
     """Metrics and the log line of a settled call (after its transaction).
     The key appears by its display prefix only; prompt text only with
     GATEWAY_LOG_PROMPTS."""
@@ -675,7 +707,7 @@ def _count(call: Call, record: UsageRecord, *, succeeded: bool) -> None:
     if record.error_code:
         line["error_code"] = record.error_code
     logger.info("call settled", extra=line)
-    if not succeeded:
+    if record.status not in (UsageStatus.SUCCESS, UsageStatus.CLIENT_DISCONNECTED):
         return
     metrics.TOKENS.labels(group, "prompt").inc(record.prompt_tokens)
     metrics.TOKENS.labels(group, "completion").inc(record.completion_tokens)

@@ -220,7 +220,7 @@ def test_redis_unreachable_fails_open_or_closed_as_configured(
         def acquire(self, keys, argv):
             raise ConnectionError("redis is down")
 
-        def adjust(self, operations):
+        def adjust_start(self, operations):
             raise ConnectionError("redis is down")
 
     monkeypatch.setattr(limits, "_backend", lambda: Down())
@@ -241,8 +241,25 @@ def test_the_embedded_backend_applies_the_same_rules():
     admitted = [backend.acquire(keys, [10, 60, 2, -1, -1])[0] for _ in range(3)]
 
     assert admitted == [0, 0, 1]
-    backend.adjust([("p", -2)])
+    backend.adjust_start([("p", -2)])()
     assert backend.values == {"r": 2, "t": 20, "p": 0}
+
+
+def test_a_release_is_sent_at_once_and_its_replies_read_later():
+    # Given a slot held in Redis
+    backend = limits._RedisBackend()
+    backend.acquire(["r", "t", "p"], [10, 60, -1, -1, 5])
+    pool = backend.client.connection_pool
+    idle = len(pool._available_connections)
+
+    # When the release is started, its connection stays out until it finishes
+    finish = backend.adjust_start([("t", -4), ("p", -1)])
+    assert len(pool._available_connections) == idle - 1
+    finish()
+
+    # Then both corrections were applied and the connection is back
+    assert [int(backend.client.get(k)) for k in ("t", "p")] == [6, 0]
+    assert len(pool._available_connections) == idle
 
 
 def test_an_exhausted_deployment_leaves_the_rotation(client, world, fake_upstream):
