@@ -23,7 +23,13 @@ from functools import cache
 from typing import Any
 
 import psycopg
-from django.db import IntegrityError, connection, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    IntegrityError,
+    connection,
+    connections,
+    transaction,
+)
 from django.utils import timezone
 
 from billing.models import CreditAccount, LedgerEntry, LedgerEntryType, UsageRecord
@@ -109,32 +115,41 @@ def _run(sql: str, params: Any) -> int | None:
     """The id the statement returned, or None when it wrote nothing or a
     unique key refused it (then nothing at all was written). Inside a
     transaction (tests) a savepoint keeps that transaction usable."""
+    # The thread's connection, looked up once: each use of the ``connection``
+    # proxy is a context-local lookup.
+    db = connections[DEFAULT_DB_ALIAS]
     try:
-        if connection.in_atomic_block:
+        if db.in_atomic_block:
             with transaction.atomic():
-                return _execute(sql, params)
-        return _execute(sql, params)
+                return _execute(db, sql, params)
+        return _execute(db, sql, params)
     except IntegrityError:
         return None
 
 
-def _execute(sql: str, params: Any) -> int | None:
+def _execute(db: Any, sql: str, params: Any) -> int | None:
     # A server-binding cursor rather than Django's client-binding one: the
     # values travel apart from the SQL (no quoting and splicing on every call),
     # and psycopg prepares a statement it has run a few times on a connection
     # (``prepare_threshold``), so PostgreSQL stops parsing and planning it.
     # Django's wrapper stays around it (query logging, error translation).
-    connection.ensure_connection()
-    raw: Any = psycopg.Cursor(connection.connection)  # the stubs want a wrapper
-    wrapped = (
-        connection.make_debug_cursor(raw)
-        if connection.queries_logged
-        else connection.make_cursor(raw)
-    )
+    db.ensure_connection()
+    raw: Any = psycopg.Cursor(db.connection)  # the stubs want a wrapper
+    wrapped = db.make_debug_cursor(raw) if db.queries_logged else db.make_cursor(raw)
     with wrapped as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     return None if row is None else int(row[0])
+
+
+def _prepared(record: UsageRecord, field: Any) -> Any:
+    """A column's value as the ORM would send it. Plain values (what every
+    field but the JSON and date fields holds here) go as they are: the field
+    would hand them on unchanged, at several calls each."""
+    value = getattr(record, field.attname)
+    if value is None or type(value) in (int, str, bool):
+        return value
+    return field.get_db_prep_save(field.pre_save(record, True), connection)
 
 
 def credits_hold_statement(
@@ -171,10 +186,7 @@ def call_settle_statement(
     now = timezone.now()
     record.credits_micros = charge_micros
     record.total_tokens = record.prompt_tokens + record.completion_tokens
-    usage = [
-        f.get_db_prep_save(f.pre_save(record, True), connection)
-        for f in _usage_fields()
-    ]
+    usage = [_prepared(record, f) for f in _usage_fields()]
     params = [
         release,
         held_micros,

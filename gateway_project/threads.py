@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from asgiref.sync import AsyncToSync, sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connections
 
 T = TypeVar("T")
 
@@ -85,8 +85,9 @@ def _released(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return function(*args, **kwargs)
     finally:
-        if not connection.in_atomic_block:
-            connection.close()  # back to the pool (no-op without a connection)
+        db = connections[DEFAULT_DB_ALIAS]  # one context-local lookup, not two
+        if not db.in_atomic_block:
+            db.close()  # back to the pool (no-op without a connection)
 
 
 async def in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:

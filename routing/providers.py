@@ -10,6 +10,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -364,9 +365,19 @@ def _upstream_sent_usage(wrapper: Any) -> bool:
 _HUGGING_FACE_TOKENIZED = ("llama-2", "llama-3", "replicate", "claude", "command-r")
 
 
-@cache
+_cl100k_lock = threading.Lock()
+
+
 def _cl100k() -> Any:
-    """tiktoken's cl100k_base from the copy litellm bundles (never fetched)."""
+    """tiktoken's cl100k_base from the copy litellm bundles (never fetched).
+    Loaded once per process (about 0.3 s): the first calls of a new worker
+    arrive together, and each would otherwise load its own."""
+    with _cl100k_lock:
+        return _cl100k_load()
+
+
+@cache
+def _cl100k_load() -> Any:
     spec = importlib.util.find_spec("litellm")
     if spec is not None and spec.submodule_search_locations:
         bundled = Path(next(iter(spec.submodule_search_locations)))
