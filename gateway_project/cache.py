@@ -29,3 +29,10 @@ class _SharedCache:
 
 
 cache: Any = _SharedCache()
+
+
+def cache_names(*names: str) -> list[str]:
+    """The names under which the cache stores ``names`` in Redis (prefix and
+    version added), for a Lua script that reads them itself."""
+    backend = _backend()
+    return [str(backend.make_key(name)) for name in names]

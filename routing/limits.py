@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from redis.exceptions import NoScriptError
 
 from gateway_project.errors import GatewayError
 
@@ -24,21 +25,23 @@ WINDOW = 60
 # A crashed process cannot release its concurrency slots; they expire.
 CONCURRENCY_TTL = 600
 
+# The admission, after k0 keys and a0 arguments the script's start has used.
 # KEYS: per scope, 3 keys (requests, tokens, concurrent).
 # ARGV: estimate, window ttl, then per scope rpm, tpm, parallel (-1 = none).
-# Returns {0, ...state} when admitted, {1, kind, retry_after} when refused.
-_ACQUIRE = """
-local estimate = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local scopes = #KEYS / 3
+# Returns {0, ...read, ...state} when admitted, {1, kind, retry_after} when
+# refused.
+_ADMIT = """
+local estimate = tonumber(ARGV[a0 + 1])
+local ttl = tonumber(ARGV[a0 + 2])
+local scopes = (#KEYS - k0) / 3
 local state = {}
 for i = 0, scopes - 1 do
-  local rpm = tonumber(ARGV[3 + i * 3])
-  local tpm = tonumber(ARGV[4 + i * 3])
-  local parallel = tonumber(ARGV[5 + i * 3])
-  local requests = tonumber(redis.call('GET', KEYS[1 + i * 3]) or '0')
-  local tokens = tonumber(redis.call('GET', KEYS[2 + i * 3]) or '0')
-  local running = tonumber(redis.call('GET', KEYS[3 + i * 3]) or '0')
+  local rpm = tonumber(ARGV[a0 + 3 + i * 3])
+  local tpm = tonumber(ARGV[a0 + 4 + i * 3])
+  local parallel = tonumber(ARGV[a0 + 5 + i * 3])
+  local requests = tonumber(redis.call('GET', KEYS[k0 + 1 + i * 3]) or '0')
+  local tokens = tonumber(redis.call('GET', KEYS[k0 + 2 + i * 3]) or '0')
+  local running = tonumber(redis.call('GET', KEYS[k0 + 3 + i * 3]) or '0')
   if rpm >= 0 and requests + 1 > rpm then return {1, 'requests', ttl} end
   if tpm >= 0 and tokens + estimate > tpm then return {1, 'tokens', ttl} end
   if parallel >= 0 and running + 1 > parallel then return {1, 'parallel', 1} end
@@ -46,17 +49,45 @@ for i = 0, scopes - 1 do
   table.insert(state, tokens)
 end
 for i = 0, scopes - 1 do
-  redis.call('INCR', KEYS[1 + i * 3])
-  redis.call('EXPIRE', KEYS[1 + i * 3], ttl + 1)
-  redis.call('INCRBY', KEYS[2 + i * 3], estimate)
-  redis.call('EXPIRE', KEYS[2 + i * 3], ttl + 1)
-  redis.call('INCR', KEYS[3 + i * 3])
-  redis.call('EXPIRE', KEYS[3 + i * 3], CONCURRENCY_TTL)
+  local base = k0 + i * 3
+  redis.call('INCR', KEYS[base + 1])
+  redis.call('EXPIRE', KEYS[base + 1], ttl + 1)
+  redis.call('INCRBY', KEYS[base + 2], estimate)
+  redis.call('EXPIRE', KEYS[base + 2], ttl + 1)
+  redis.call('INCR', KEYS[base + 3])
+  redis.call('EXPIRE', KEYS[base + 3], CONCURRENCY_TTL)
 end
 local result = {0}
+for _, value in ipairs(read) do table.insert(result, value) end
 for _, value in ipairs(state) do table.insert(result, value) end
 return result
 """.replace("CONCURRENCY_TTL", str(CONCURRENCY_TTL))
+
+_ACQUIRE = "local k0, a0, read = 0, 0, {}\n" + _ADMIT
+
+# First checks and reads, then admits. KEYS: n_expected keys, each to hold
+# ARGV[3 + i] (a missing key holds '0'), n_present keys that must exist,
+# n_read keys to read (a missing one reads ''), then the scopes' keys. ARGV:
+# n_expected, n_present, n_read, the expected values, then the admission's.
+# Returns {2} (nothing written) when a key is not as expected.
+_ACQUIRE_WHEN_CURRENT = (
+    """
+local n_expected = tonumber(ARGV[1])
+local n_present, n_read = tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, n_expected do
+  if (redis.call('GET', KEYS[i]) or '0') ~= ARGV[3 + i] then return {2} end
+end
+for i = n_expected + 1, n_expected + n_present do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return {2} end
+end
+local read = {}
+for i = 1, n_read do
+  table.insert(read, redis.call('GET', KEYS[n_expected + n_present + i]) or '')
+end
+local k0, a0 = n_expected + n_present + n_read, 3 + n_expected
+"""
+    + _ADMIT
+)
 
 
 class RateLimited(GatewayError):
@@ -125,6 +156,11 @@ def _limited(scopes: list[Scope]) -> list[Scope]:
     ]
 
 
+class Stale(Exception):
+    """A value the caller expected in Redis changed (or Redis could not be
+    asked): nothing was written."""
+
+
 def acquire(
     scopes: list[Scope], *, estimate: int, now: float | None = None
 ) -> Admission | None:
@@ -135,16 +171,8 @@ def acquire(
     if not limited:
         return None
     now = time.time() if now is None else now
-    window = int(now // WINDOW)
-    reset = WINDOW - int(now % WINDOW)
-    argv: list[int] = [estimate, reset]
-    keys: list[str] = []
-    for scope in limited:
-        keys += _keys(scope, window)
-        argv += [
-            -1 if limit is None else limit
-            for limit in (scope.rpm, scope.tpm, scope.parallel)
-        ]
+    window, reset = int(now // WINDOW), WINDOW - int(now % WINDOW)
+    keys, argv = _arguments(limited, window, reset, estimate)
     try:
         result = _backend().acquire(keys, argv)
     except GatewayError:
@@ -156,6 +184,66 @@ def acquire(
         raise GatewayError(
             "Rate limiter unavailable", code="rate_limiter_unavailable", http_status=503
         ) from None
+    return _admitted(result, limited, window, reset, estimate)
+
+
+def acquire_when_current(
+    scopes: list[Scope],
+    *,
+    estimate: int,
+    expected: dict[str, str],
+    present: list[str],
+    read: list[str],
+    now: float | None = None,
+) -> tuple[Admission | None, list[bytes | None]]:
+    """``acquire`` and a read, in the round trip that checks that each
+    ``expected`` Redis key (by its full name) still holds its value and that
+    each ``present`` key exists: the admission and the values of ``read``
+    (None for a missing key). Raises
+    Stale when a key changed, or when Redis is not shared or cannot be
+    reached (the caller then reads afresh and calls ``acquire``, which knows
+    fail-open), and RateLimited."""
+    if not settings.REDIS_URL:
+        raise Stale
+    limited = _limited(scopes)
+    now = time.time() if now is None else now
+    window, reset = int(now // WINDOW), WINDOW - int(now % WINDOW)
+    keys, argv = _arguments(limited, window, reset, estimate)
+    try:
+        result = _backend().acquire_when_current(
+            [*expected, *present, *read, *keys],
+            [len(expected), len(present), len(read), *expected.values(), *argv],
+        )
+    except Exception as error:
+        raise Stale from error
+    if int(result[0]) == 2:
+        raise Stale
+    if int(result[0]) == 1:  # refused: {1, kind, retry_after}, nothing read
+        _admitted(result, limited, window, reset, estimate)  # raises
+    values: list[bytes | None] = [v or None for v in result[1 : 1 + len(read)]]
+    admission = _admitted(
+        [result[0], *result[1 + len(read) :]], limited, window, reset, estimate
+    )
+    return (admission if limited else None), values
+
+
+def _arguments(
+    limited: list[Scope], window: int, reset: int, estimate: int
+) -> tuple[list[str], list[int]]:
+    argv: list[int] = [estimate, reset]
+    keys: list[str] = []
+    for scope in limited:
+        keys += _keys(scope, window)
+        argv += [
+            -1 if limit is None else limit
+            for limit in (scope.rpm, scope.tpm, scope.parallel)
+        ]
+    return keys, argv
+
+
+def _admitted(
+    result: list[Any], limited: list[Scope], window: int, reset: int, estimate: int
+) -> Admission:
     if int(result[0]) == 1:
         kind, retry_after = (
             str(result[1], "utf-8") if isinstance(result[1], bytes) else str(result[1]),
@@ -218,9 +306,31 @@ class _RedisBackend:
 
         self.client = get_redis_connection("default")
         self.script = self.client.register_script(_ACQUIRE)
+        self.script_when_current = self.client.register_script(_ACQUIRE_WHEN_CURRENT)
 
     def acquire(self, keys: list[str], argv: list[int]) -> list[Any]:
-        return list(self.script(keys=keys, args=argv))
+        return self._run(self.script, keys, argv)
+
+    def acquire_when_current(self, keys: list[str], argv: list[Any]) -> list[Any]:
+        return self._run(self.script_when_current, keys, argv)
+
+    def _run(self, script: Any, keys: list[str], argv: list[Any]) -> list[Any]:
+        # EVALSHA by hand: redis-py's Script and evalsha inspect their own
+        # arguments on every call (a deprecation wrapper), a few percent of a
+        # call's CPU. Loaded again if Redis lost it (a restart, SCRIPT FLUSH).
+        try:
+            return list(
+                self.client.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *argv
+                )
+            )
+        except NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return list(
+                self.client.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *argv
+                )
+            )
 
     def adjust_start(self, operations: list[tuple[str, int]]) -> Callable[[], None]:
         """Send the INCRBYs at once, as a pipeline would; the replies are read

@@ -41,7 +41,7 @@ from billing.services import (
     usage_cost_micros,
 )
 from gateway_project import metrics
-from gateway_project.cache import cache
+from gateway_project.cache import cache, cache_names
 from gateway_project.errors import GatewayError, NotFound
 from gateway_project.generations import ROUTING
 from gateway_project.money import MICROS
@@ -53,6 +53,8 @@ from tenants.authentication import (
     presented_key,
     virtual_key_authenticate,
     virtual_key_cache_names,
+    virtual_key_check,
+    virtual_key_recall,
     virtual_key_touch,
 )
 from tenants.key_cache import key_allowed_group_ids
@@ -268,14 +270,29 @@ def _prepare(
             f"This key may not use the model '{body['model']}'", param="model"
         )
     job = _job_for(job_id or request.headers.get("X-Job-Id"), key)
+    call = _call(request, key, endpoint, group, route, body, job)
+    call.cooled = {
+        t.deployment_id
+        for t in call.targets
+        if cooling.get(_cooldown_key(t.deployment_id))
+    }
+    return call
+
+
+def _call(
+    request: HttpRequest,
+    key: VirtualKey,
+    endpoint: str,
+    group: ModelGroup,
+    route: Route,
+    body: dict[str, Any],
+    job: Job | None,
+) -> Call:
     targets = _ordered(route.members)
     prices = {
         t.deployment_id: price
         for t in targets
         if (price := route.prices.get(t.deployment_id)) is not None
-    }
-    cooled = {
-        t.deployment_id for t in targets if cooling.get(_cooldown_key(t.deployment_id))
     }
     return Call(
         request_id=request.request_id,  # type: ignore[attr-defined]
@@ -283,11 +300,66 @@ def _prepare(
         endpoint=endpoint,
         group=group,
         targets=targets,
-        cooled=cooled,
+        cooled=set(),
         body=body,
         job=job,
         prices=prices,
     )
+
+
+def _prepare_known(
+    request: HttpRequest, endpoint: str, body: dict[str, Any], job_id: str | None
+) -> Call | None:
+    """Steps 1 to 3 from what this process holds, in one round trip: the key
+    as this process last read it and the route it keeps, both proven current
+    by the limit script, which reads the cooldowns and admits the call in the
+    same trip (limits.acquire_when_current). None, with nothing written, when
+    any of it is missing or stale, or would refuse the call: then ``_prepare``
+    reads afresh and answers. Raises RateLimited."""
+    if job_id or request.headers.get("X-Job-Id"):
+        return None
+    plaintext = presented_key(request)
+    recalled = virtual_key_recall(plaintext)
+    name = body.get("model")
+    route = _routes.get(name) if isinstance(name, str) else None
+    if (
+        recalled is None
+        or plaintext is None
+        or route is None
+        or route.group is None
+        or time.monotonic() - route.loaded >= settings.GATEWAY_ROUTE_CACHE_SECONDS
+    ):
+        return None
+    key, expected, entry = recalled
+    try:
+        virtual_key_check(key=key, plaintext=plaintext)
+        _validate(endpoint, body)
+    except GatewayError:
+        return None
+    if route.group.pk not in key_allowed_group_ids(key):
+        return None
+    request.gateway_model_group = route.group.group_name  # type: ignore[attr-defined]
+    call = _call(request, key, endpoint, route.group, route, body, job=None)
+    prompt, completion = _estimate(call)
+    routing, *cooldowns = cache_names(
+        ROUTING, *(_cooldown_key(t.deployment_id) for t in call.targets)
+    )
+    try:
+        call.admission, cooling = limits.acquire_when_current(
+            _scopes(key),
+            estimate=prompt + completion,
+            expected={**expected, routing: str(route.generation)},
+            present=[entry],
+            read=cooldowns,
+        )
+    except limits.Stale:
+        return None
+    call.cooled = {
+        t.deployment_id
+        for t, cooling_down in zip(call.targets, cooling, strict=True)
+        if cooling_down
+    }
+    return call
 
 
 def _job_for(job_id: str | None, key: VirtualKey) -> Job | None:
@@ -517,29 +589,30 @@ def _estimate(call: Call) -> tuple[int, int]:
 def _admit(call: Call) -> None:
     """Step 3: RPM, TPM and concurrency of the key, its team and its
     organization, in one round trip. Raises RateLimited (429)."""
-    key, team = call.key, call.key.team
-    organization = team.organization
     prompt, completion = _estimate(call)
-    call.admission = limits.acquire(
-        [
-            limits.Scope(
-                f"key:{key.pk}", key.rpm_limit, key.tpm_limit, key.max_parallel_requests
-            ),
-            limits.Scope(
-                f"team:{team.pk}",
-                team.rpm_limit,
-                team.tpm_limit,
-                team.max_parallel_requests,
-            ),
-            limits.Scope(
-                f"organization:{organization.pk}",
-                organization.rpm_limit,
-                organization.tpm_limit,
-                organization.max_parallel_requests,
-            ),
-        ],
-        estimate=prompt + completion,
-    )
+    call.admission = limits.acquire(_scopes(call.key), estimate=prompt + completion)
+
+
+def _scopes(key: VirtualKey) -> list[limits.Scope]:
+    team = key.team
+    organization = team.organization
+    return [
+        limits.Scope(
+            f"key:{key.pk}", key.rpm_limit, key.tpm_limit, key.max_parallel_requests
+        ),
+        limits.Scope(
+            f"team:{team.pk}",
+            team.rpm_limit,
+            team.tpm_limit,
+            team.max_parallel_requests,
+        ),
+        limits.Scope(
+            f"organization:{organization.pk}",
+            organization.rpm_limit,
+            organization.tpm_limit,
+            organization.max_parallel_requests,
+        ),
+    ]
 
 
 def _hold(call: Call) -> None:
@@ -745,8 +818,10 @@ async def prepare(
     """Steps 1, 2 and 4 for a parsed body (3 and 5, limits and cache, to come)."""
 
     def prepared() -> Call:
-        call = _prepare(request, endpoint, body, job_id)
-        _admit(call)
+        call = _prepare_known(request, endpoint, body, job_id)
+        if call is None:
+            call = _prepare(request, endpoint, body, job_id)
+            _admit(call)
         try:
             _hold(call)
         except GatewayError:

@@ -7,7 +7,13 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from gateway_project.errors import GatewayError
-from tenants.key_cache import key_cache_names, key_last_used_stamp, key_lookup
+from tenants.key_cache import (
+    KeyRecalled,
+    key_cache_names,
+    key_last_used_stamp,
+    key_lookup,
+    key_recall,
+)
 from tenants.keys import key_matches, key_parse
 from tenants.models import Status, VirtualKey
 from tenants.services import key_state
@@ -44,6 +50,13 @@ def looks_like_virtual_key(credential: str) -> bool:
     return key_parse(credential) is not None
 
 
+def virtual_key_recall(plaintext: str | None) -> KeyRecalled | None:
+    """The key of ``plaintext`` as this process last read it, if it did, with
+    what proves it current (tenants.key_cache.key_recall); not checked."""
+    public_id = key_parse(plaintext) if plaintext else None
+    return key_recall(public_id) if public_id else None
+
+
 def virtual_key_cache_names(plaintext: str | None) -> list[str]:
     """The cache entries authenticating ``plaintext`` reads (none for a
     malformed key), to be read with others in one round trip and handed to
@@ -68,9 +81,17 @@ def virtual_key_authenticate(
         )
     public_id = key_parse(plaintext)
     key = key_lookup(public_id, prefetched=prefetched) if public_id else None
-    # Unknown id and wrong secret are indistinguishable; the digest comparison
-    # is constant-time.
-    if key is None or not key_matches(plaintext, key.digest):
+    # Unknown id and wrong secret are indistinguishable.
+    if key is None:
+        raise InvalidApiKey("Invalid API key")
+    return virtual_key_check(key=key, plaintext=plaintext)
+
+
+def virtual_key_check(*, key: VirtualKey, plaintext: str) -> VirtualKey:
+    """``key`` if ``plaintext`` is its secret and it may be used now; raises
+    as ``virtual_key_authenticate`` does."""
+    # The digest comparison is constant-time.
+    if not key_matches(plaintext, key.digest):
         raise InvalidApiKey("Invalid API key")
     now = timezone.now()
     if key_state(key, now=now) != "valid":

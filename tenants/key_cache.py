@@ -14,6 +14,7 @@ is written there, throttled): authentication never depends on the cache.
 """
 
 import logging
+import pickle
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from django.db import transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
-from gateway_project.cache import cache
+from gateway_project.cache import cache, cache_names
 from gateway_project.generations import generation_bump, generation_changed
 from tenants.models import KeyStatus, Organization, Team, VirtualKey
 
@@ -38,6 +39,10 @@ ENTRY_SECONDS = 300
 STAMP_SECONDS = 5.0
 
 _stamped: dict[int, float] = {}
+# Public id → (generation, when, the pickled key): the keys this process has
+# read, see key_recall.
+_remembered: dict[str, tuple[int, float, bytes]] = {}
+_REMEMBERED_KEPT = 10_000  # past that the memory starts over
 
 
 def _entry_name(public_id: str) -> str:
@@ -100,9 +105,11 @@ def key_lookup(
     entry = found.get(name)
     if entry is not None and entry["generation"] == generation:
         key: VirtualKey = entry["key"]
+        _remember(public_id, generation, key)
         return key
     loaded = _load(public_id)
     if loaded is not None:
+        _remember(public_id, generation, loaded)
         try:
             cache.set(
                 name, {"generation": generation, "key": loaded}, timeout=ENTRY_SECONDS
@@ -110,6 +117,32 @@ def key_lookup(
         except Exception as error:
             logger.warning("key cache write failed: %s", error)
     return loaded
+
+
+def _remember(public_id: str, generation: int, key: VirtualKey) -> None:
+    if len(_remembered) >= _REMEMBERED_KEPT:
+        _remembered.clear()
+    _remembered[public_id] = (generation, time.monotonic(), pickle.dumps(key))
+
+
+# The key, {the generation's full name: the value it was read under}, and
+# the full name of its cache entry.
+KeyRecalled = tuple[VirtualKey, dict[str, str], str]
+
+
+def key_recall(public_id: str) -> KeyRecalled | None:
+    """The key as this process last read it, for a caller that checks in
+    Redis, in a round trip it makes anyway, that it is still current: that
+    the generation (by its full name, in the returned dict) still holds the
+    value it was read under (a change to any key bumps it), and that the
+    key's cache entry (the returned name) still exists, which a flushed or
+    expired cache does not. A fresh copy each time: a caller may change it."""
+    remembered = _remembered.get(public_id)
+    if remembered is None or time.monotonic() - remembered[1] >= ENTRY_SECONDS:
+        return None
+    key: VirtualKey = pickle.loads(remembered[2])  # noqa: S301 - our own bytes
+    generation, entry = cache_names(GENERATION, _entry_name(public_id))
+    return key, {generation: str(remembered[0])}, entry
 
 
 def key_cache_invalidate() -> None:

@@ -24,10 +24,11 @@ QUERIES_PER_CALL = 2
 # record's idempotency read, the ledger rows of the request, capture, balance
 # update, usage record, COMMIT: 8).
 QUERIES_PER_CALL_ORM = 14
-# Redis round trips of a call under rate limits: one MGET for the key's cache
-# entry with the route's generation and its deployments' cooldowns, the limit
-# script, and the pipeline that corrects the tokens and frees the slot.
-REDIS_ROUND_TRIPS_PER_CALL = 3
+# Redis round trips of a call under rate limits, once the process has read the
+# key and the route: the limit script, which also proves both current and
+# reads the deployments' cooldowns, and the pipeline that corrects the tokens
+# and frees the slot (routing/pipeline._prepare_known).
+REDIS_ROUND_TRIPS_PER_CALL = 2
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,118 @@
+"""A call whose key and route this process has read before goes through
+``pipeline._prepare_known``: one Redis round trip proves both current, reads
+the cooldowns and admits the call. Whatever that trip finds stale goes the
+full way, so every change stays visible at once, and a refusal still writes
+nothing."""
+
+import pytest
+from django_redis import get_redis_connection
+
+from billing.models import LedgerEntry, UsageRecord
+from gateway_project.cache import cache
+from routing import limits
+from routing.pipeline import _cooldown_key
+from tenants.models import VirtualKey
+from tenants.services import virtual_key_issue, virtual_key_revoke
+
+pytestmark = pytest.mark.django_db(transaction=True)
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def known(client, team):
+    """A limited key that has made one call, so that the next is 'known'."""
+    team.rpm_limit = 1_000
+    team.save(update_fields=["rpm_limit"])
+    key, plaintext = virtual_key_issue(team=team)
+    assert _call(client, plaintext).status_code == 200
+    return key, plaintext
+
+
+def _call(client, plaintext):
+    return client.post(
+        "/v1/chat/completions",
+        CHAT,
+        content_type="application/json",
+        HTTP_X_API_KEY=plaintext,
+    )
+
+
+def _requests_counted() -> list[int]:
+    redis = get_redis_connection("default")
+    return sorted(int(redis.get(name)) for name in redis.scan_iter("rl:*:req:*"))
+
+
+def test_a_known_call_is_admitted_through_the_one_round_trip(
+    client, known, monkeypatch
+):
+    _, plaintext = known
+    full_path = []
+    monkeypatch.setattr(limits, "acquire", lambda *a, **k: full_path.append(1))
+
+    response = _call(client, plaintext)
+
+    assert response.status_code == 200
+    assert response["x-ratelimit-remaining-requests"] == "998"
+    assert full_path == []
+    assert UsageRecord.objects.count() == 2
+
+
+def test_a_revocation_is_seen_by_the_next_call(client, known):
+    key, plaintext = known
+    counted = _requests_counted()
+    entries = LedgerEntry.objects.count()
+
+    virtual_key_revoke(key=key)
+    response = _call(client, plaintext)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert _requests_counted() == counted
+    assert LedgerEntry.objects.count() == entries
+    assert UsageRecord.objects.count() == 1
+
+
+def test_a_wrong_secret_for_a_known_key_counts_nothing(client, known):
+    _, plaintext = known
+    counted = _requests_counted()
+    wrong = plaintext[:-4] + ("aaaa" if not plaintext.endswith("aaaa") else "bbbb")
+
+    response = _call(client, wrong)
+
+    assert response.status_code == 401
+    assert _requests_counted() == counted
+    assert UsageRecord.objects.count() == 1
+
+
+def test_a_flushed_cache_sends_the_call_the_full_way(client, known):
+    # Given a change made behind the services' back (no generation bump), then
+    # the cache flushed: the key's entry is gone, so what this process
+    # remembers cannot be proven current
+    key, plaintext = known
+    VirtualKey.objects.filter(pk=key.pk).update(rpm_limit=7)
+    cache.clear()
+
+    response = _call(client, plaintext)
+
+    assert response.status_code == 200
+    assert response["x-ratelimit-limit-requests"] == "7"
+
+
+def test_a_cooldown_is_read_in_the_same_round_trip(client, known, deployment):
+    _, plaintext = known
+    cache.set(_cooldown_key(deployment.pk), 1, timeout=60)
+
+    response = _call(client, plaintext)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_deployment_available"
+    record = UsageRecord.objects.order_by("-id").first()
+    assert record.fallbacks_tried == [{"deployment": "mock-a", "skipped": "cooldown"}]
+
+
+def test_a_script_redis_lost_is_loaded_again(client, known):
+    _, plaintext = known
+    get_redis_connection("default").script_flush()
+
+    assert _call(client, plaintext).status_code == 200
+    assert UsageRecord.objects.count() == 2
