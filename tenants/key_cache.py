@@ -9,6 +9,10 @@ on their next request. A process that read the generation before loading a key
 from the database writes its entry with that generation, so a change committed
 meanwhile can never be masked by a stale entry.
 
+A process also remembers the keys it has read (``key_recall``), so that the
+request path can skip reading the entry: it proves, in the round trip it
+makes anyway, that the generation is unchanged and the entry still exists.
+
 When Redis is unreachable, keys are read from the database (and ``last_used``
 is written there, throttled): authentication never depends on the cache.
 """

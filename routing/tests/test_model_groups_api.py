@@ -5,6 +5,7 @@ import sys
 
 import pytest
 from django.conf import settings
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from accounts.models import AuditLogEntry
@@ -304,6 +305,33 @@ def test_group_used_by_a_team_cannot_be_deleted(api, team, model_group):
         "param": None,
     }
     assert _state() == before
+
+
+def test_group_with_usage_history_cannot_be_deleted(api, team, model_group):
+    # Given a call's usage record names the group (no database constraint
+    # guards that reference: the ORM's PROTECT does), and no live team uses it
+    from billing.models import UsageRecord
+    from tenants.services import team_delete
+
+    UsageRecord.objects.create(
+        request_id="req_history",
+        organization_id=team.organization_id,
+        team=team,
+        model_group=model_group,
+        endpoint="chat",
+        requested_model="chat",
+        status="success",
+        created_at=timezone.now(),
+    )
+    team_delete(team=team)
+    before = _state()
+
+    response = api.delete("/api/model-groups/chat", **ADMIN)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "model_group_has_usage"
+    assert _state() == before
+    assert UsageRecord.objects.get().model_group_id == model_group.pk
 
 
 def test_unknown_group_is_404(api, db):
