@@ -124,6 +124,8 @@ def key_lookup(
 
 
 def _remember(public_id: str, generation: int, key: VirtualKey) -> None:
+    if not _redis_configured():
+        return  # nothing could prove it current
     if len(_remembered) >= _REMEMBERED_KEPT:
         _remembered.clear()
     _remembered[public_id] = (generation, time.monotonic(), pickle.dumps(key))
