@@ -28,8 +28,8 @@ CONCURRENCY_TTL = 600
 # The admission, after k0 keys and a0 arguments the script's start has used.
 # KEYS: per scope, 3 keys (requests, tokens, concurrent).
 # ARGV: estimate, window ttl, then per scope rpm, tpm, parallel (-1 = none).
-# Returns {0, ...read, ...state} when admitted, {1, kind, retry_after} when
-# refused.
+# Returns {0, ...state, ...read} when admitted (two state values a scope),
+# {1, kind, retry_after} when refused.
 _ADMIT = """
 local estimate = tonumber(ARGV[a0 + 1])
 local ttl = tonumber(ARGV[a0 + 2])
@@ -58,8 +58,8 @@ for i = 0, scopes - 1 do
   redis.call('EXPIRE', KEYS[base + 3], CONCURRENCY_TTL)
 end
 local result = {0}
-for _, value in ipairs(read) do table.insert(result, value) end
 for _, value in ipairs(state) do table.insert(result, value) end
+for _, value in ipairs(read) do table.insert(result, value) end
 return result
 """.replace("CONCURRENCY_TTL", str(CONCURRENCY_TTL))
 
@@ -218,12 +218,9 @@ def acquire_when_current(
         raise Stale from error
     if int(result[0]) == 2:
         raise Stale
-    if int(result[0]) == 1:  # refused: {1, kind, retry_after}, nothing read
-        _admitted(result, limited, window, reset, estimate)  # raises
-    values: list[bytes | None] = [v or None for v in result[1 : 1 + len(read)]]
-    admission = _admitted(
-        [result[0], *result[1 + len(read) :]], limited, window, reset, estimate
-    )
+    admitted = 1 + 2 * len(limited)  # the status and the scopes' state
+    admission = _admitted(result[:admitted], limited, window, reset, estimate)
+    values: list[bytes | None] = [v or None for v in result[admitted:]]
     return (admission if limited else None), values
 
 
@@ -319,18 +316,13 @@ class _RedisBackend:
         # arguments on every call (a deprecation wrapper), a few percent of a
         # call's CPU. Loaded again if Redis lost it (a restart, SCRIPT FLUSH).
         try:
-            return list(
-                self.client.execute_command(
-                    "EVALSHA", script.sha, len(keys), *keys, *argv
-                )
-            )
+            return list(self._evalsha(script.sha, keys, argv))
         except NoScriptError:
             script.sha = self.client.script_load(script.script)
-            return list(
-                self.client.execute_command(
-                    "EVALSHA", script.sha, len(keys), *keys, *argv
-                )
-            )
+        return list(self._evalsha(script.sha, keys, argv))
+
+    def _evalsha(self, sha: str, keys: list[str], argv: list[Any]) -> Any:
+        return self.client.execute_command("EVALSHA", sha, len(keys), *keys, *argv)
 
     def adjust_start(self, operations: list[tuple[str, int]]) -> Callable[[], None]:
         """Send the INCRBYs at once, as a pipeline would; the replies are read

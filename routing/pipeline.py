@@ -62,6 +62,9 @@ from tenants.models import BudgetMode, CacheHitCharge, VirtualKey
 
 logger = logging.getLogger(__name__)
 
+# Calls that are charged, counted in metrics and stamp their key's last use.
+_SUCCEEDED = (UsageStatus.SUCCESS, UsageStatus.CLIENT_DISCONNECTED)
+
 
 class ModelNotFound(GatewayError):
     http_status = 404
@@ -681,7 +684,7 @@ def _record(
         )
     finally:
         released()
-    if record.status in (UsageStatus.SUCCESS, UsageStatus.CLIENT_DISCONNECTED):
+    if record.status in _SUCCEEDED:
         virtual_key_touch(key=call.key)
     _count(call, record)
 
@@ -702,7 +705,7 @@ def _settle(
         call.prices.get(target.deployment_id, (0, 0)) if target else (0, 0)
     )
     markup = call.key.team.price_markup_bps
-    succeeded = status in (UsageStatus.SUCCESS, UsageStatus.CLIENT_DISCONNECTED)
+    succeeded = status in _SUCCEEDED
     cost = (
         usage_cost_micros(
             prompt_tokens=prompt_tokens,
@@ -780,7 +783,7 @@ def _count(call: Call, record: UsageRecord) -> None:
     if record.error_code:
         line["error_code"] = record.error_code
     logger.info("call settled", extra=line)
-    if record.status not in (UsageStatus.SUCCESS, UsageStatus.CLIENT_DISCONNECTED):
+    if record.status not in _SUCCEEDED:
         return
     metrics.TOKENS.labels(group, "prompt").inc(record.prompt_tokens)
     metrics.TOKENS.labels(group, "completion").inc(record.completion_tokens)

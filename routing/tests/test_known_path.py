@@ -57,6 +57,34 @@ def test_a_known_call_is_admitted_through_the_one_round_trip(
     assert UsageRecord.objects.count() == 2
 
 
+def test_a_known_call_over_its_limit_is_refused_with_nothing_written(
+    client, team, monkeypatch
+):
+    # Given a team allowed 2 calls a minute that has made 1 (so the next ones
+    # are known), then a second
+    team.rpm_limit = 2
+    team.save(update_fields=["rpm_limit"])
+    _, plaintext = virtual_key_issue(team=team)
+    assert _call(client, plaintext).status_code == 200
+    full_path = []
+    monkeypatch.setattr(limits, "acquire", lambda *a, **k: full_path.append(1))
+    assert _call(client, plaintext).status_code == 200
+    counted = _requests_counted()
+    entries = LedgerEntry.objects.count()
+
+    # When a third comes within the minute
+    response = _call(client, plaintext)
+
+    # Then the one round trip refuses it, and nothing is written
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "Retry-After" in response
+    assert full_path == []
+    assert _requests_counted() == counted
+    assert LedgerEntry.objects.count() == entries
+    assert UsageRecord.objects.count() == 2
+
+
 def test_a_revocation_is_seen_by_the_next_call(client, known):
     key, plaintext = known
     counted = _requests_counted()

@@ -40,17 +40,9 @@ def test_a_chat_call_makes_a_pinned_number_of_queries(
     monkeypatch.setattr(statements, "available", lambda: one_statement)
     _, plaintext = virtual_key_issue(team=team)
 
-    def call():
-        return client.post(
-            "/v1/chat/completions",
-            CHAT,
-            content_type="application/json",
-            HTTP_X_API_KEY=plaintext,
-        )
-
-    assert call().status_code == 200  # warms the key cache
+    assert _call(client, plaintext).status_code == 200  # warms the key cache
     with django_assert_num_queries(queries):
-        response = call()
+        response = _call(client, plaintext)
 
     assert response.status_code == 200
     assert UsageRecord.objects.count() == 2
@@ -63,15 +55,9 @@ def test_a_chat_call_makes_a_pinned_number_of_redis_round_trips(
     team.save(update_fields=["rpm_limit"])
     _, plaintext = virtual_key_issue(team=team)
 
-    def call():
-        return client.post(
-            "/v1/chat/completions",
-            CHAT,
-            content_type="application/json",
-            HTTP_X_API_KEY=plaintext,
-        )
-
-    assert call().status_code == 200  # warms the key cache, loads the script
+    assert (
+        _call(client, plaintext).status_code == 200
+    )  # warms the key cache, loads the script
     sent = []
     send = AbstractConnection.send_packed_command
 
@@ -80,8 +66,17 @@ def test_a_chat_call_makes_a_pinned_number_of_redis_round_trips(
         return send(self, command, *args, **kwargs)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
-    response = call()
+    response = _call(client, plaintext)
 
     assert response.status_code == 200
     assert response["x-ratelimit-limit-requests"] == "1000"
     assert len(sent) == REDIS_ROUND_TRIPS_PER_CALL
+
+
+def _call(client, plaintext):
+    return client.post(
+        "/v1/chat/completions",
+        CHAT,
+        content_type="application/json",
+        HTTP_X_API_KEY=plaintext,
+    )
