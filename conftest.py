@@ -19,6 +19,7 @@ from django.db import connection
 from django.test import Client
 
 from accounts.models import Role, User
+from billing import statements
 from billing.services import credit_account_open, credits_allocate
 from billing.tests.prices import price
 from gateway_project.money import MICROS
@@ -49,6 +50,7 @@ def _clear_cache() -> Iterator[None]:
     yield
     cache.clear()
     routes_forget()  # the flushed database's groups and prices
+    statements.available_forget()  # what the process saw of their credits
 
 
 @pytest.fixture

@@ -467,6 +467,20 @@ def _settle(
     return captured + extra
 
 
+def credits_hold_may_wait(*, team: Team, amount_micros: int, margin: int) -> bool:
+    """Whether a call's hold may be written with its settlement instead of
+    before the provider is called (``call_settle(unheld_micros=...)``): on
+    PostgreSQL, when this process saw the team's available credits within the
+    last seconds at ``margin`` times the amount or more. The settlement still
+    holds under the same guard, and a 402 then writes nothing; what waiting
+    risks is a provider call that is not charged, and only when the credits
+    fell by all that margin meanwhile."""
+    if margin <= 0 or amount_micros <= 0 or not statements.available():
+        return False
+    seen = statements.available_recall(team.pk)
+    return seen is not None and seen >= amount_micros * margin
+
+
 def call_settle(
     *,
     team: Team,
@@ -474,6 +488,7 @@ def call_settle(
     charge_micros: int,
     budget_reserved_micros: int | None = None,
     held_micros: int | None = None,
+    unheld_micros: int | None = None,
     **usage: Any,
 ) -> UsageRecord:
     """The end of a call, in one short transaction: its usage record, the
@@ -482,21 +497,56 @@ def call_settle(
 
     ``held_micros``, when the caller knows what it held for the request, lets
     the common case (no job, no key budget, a charge within the hold) run as
-    one statement on PostgreSQL (statements.py)."""
+    one statement on PostgreSQL (statements.py).
+
+    ``unheld_micros``: the call's hold was not written before (see
+    ``credits_hold_may_wait``); it is written now, with the settlement, under
+    the hold's guard. Raises InsufficientCredits (402), with nothing written,
+    when the credits no longer cover it."""
     if (
-        held_micros is not None
-        and budget_reserved_micros is None
+        budget_reserved_micros is None
         and usage.get("job") is None
         and statements.available()
     ):
-        record = statements.call_settle_statement(
-            team_id=team.pk,
-            held_micros=held_micros,
-            charge_micros=charge_micros,
-            record=UsageRecord(request_id=request_id, **usage),
-        )
+        record: UsageRecord | None = None
+        if unheld_micros is not None:
+            record = statements.call_settle_unheld_statement(
+                team_id=team.pk,
+                hold_micros=unheld_micros,
+                charge_micros=charge_micros,
+                record=UsageRecord(request_id=request_id, **usage),
+            )
+        elif held_micros is not None:
+            record = statements.call_settle_statement(
+                team_id=team.pk,
+                held_micros=held_micros,
+                charge_micros=charge_micros,
+                record=UsageRecord(request_id=request_id, **usage),
+            )
         if record is not None:
             return record
+    if unheld_micros is not None:
+        with transaction.atomic():
+            try:
+                held = credits_hold(
+                    team=team,
+                    amount_micros=unheld_micros,
+                    request_id=request_id,
+                    job=usage.get("job"),
+                )
+            except InsufficientCredits:
+                # What this process saw is out of date: the team's next calls
+                # hold first until a hold tells it again.
+                statements.available_forget(team.pk)
+                raise
+            return call_settle(
+                team=team,
+                request_id=request_id,
+                charge_micros=charge_micros,
+                budget_reserved_micros=budget_reserved_micros,
+                held_micros=held,
+                **usage,
+            )
     with transaction.atomic():
         account = _locked_account(team)
         existing = UsageRecord.objects.filter(request_id=request_id).first()

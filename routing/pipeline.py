@@ -35,9 +35,11 @@ from billing.models import Job, JobStatus, UsageRecord, UsageSource, UsageStatus
 from billing.rollups import fell_back
 from billing.selectors import model_price_at
 from billing.services import (
+    InsufficientCredits,
     call_settle,
     credits_for_call,
     credits_hold,
+    credits_hold_may_wait,
     usage_cost_micros,
 )
 from gateway_project import metrics
@@ -90,6 +92,8 @@ class Call:
     job: Job | None
     prices: dict[int, tuple[int, int]] = field(default_factory=dict)
     held_micros: int = 0
+    # A hold not written yet: it is written with the settlement (_hold).
+    unheld_micros: int | None = None
     budget_reserved_micros: int | None = None
     cache_key: str | None = None
     estimate: tuple[int, int] | None = None
@@ -618,10 +622,17 @@ def _scopes(key: VirtualKey) -> list[limits.Scope]:
     ]
 
 
-def _hold(call: Call) -> None:
+def _hold(call: Call, *, deferrable: bool = False) -> None:
     """Step 4: reserve the most the call can cost before any provider is
     called: the estimate at the dearest candidate's price.
-    Raises InsufficientCredits (402); nothing is written then."""
+    Raises InsufficientCredits (402); nothing is written then.
+
+    ``deferrable`` (an answer that leaves only after its settlement): when
+    the team's credits, as this process last saw them, cover the hold
+    GATEWAY_DEFERRED_HOLD_MARGIN times over, the hold is written with the
+    settlement instead, in the same statement and under the same guard (one
+    round trip to the database per call instead of two). If the credits no
+    longer cover it then, the answer is a 402 and nothing is written."""
     candidates = [t for t in call.targets if t.deployment_id in call.prices]
     if not candidates:
         return  # routing will answer 503; nothing to hold
@@ -635,6 +646,18 @@ def _hold(call: Call) -> None:
         markup_bps=call.key.team.price_markup_bps,
     )
     amount = _charge(call, cost_micros=cost, tokens=prompt + completion, succeeded=True)
+    if (
+        deferrable
+        and call.job is None
+        and not budgets_apply(call.key)
+        and credits_hold_may_wait(
+            team=call.key.team,
+            amount_micros=amount,
+            margin=settings.GATEWAY_DEFERRED_HOLD_MARGIN,
+        )
+    ):
+        call.unheld_micros = amount
+        return
     hold = partial(
         credits_hold,
         team=call.key.team,
@@ -682,6 +705,14 @@ def _record(
             streamed=streamed,
             cached=cached,
         )
+    except InsufficientCredits:
+        # Only a deferred hold can be refused here: the provider answered,
+        # and the call is neither charged nor recorded.
+        logger.warning(
+            "deferred hold refused at settlement",
+            extra={"team": call.key.team.team_id, "held_micros": call.unheld_micros},
+        )
+        raise
     finally:
         released()
     if record.status in _SUCCEEDED:
@@ -718,11 +749,15 @@ def _settle(
         else 0
     )
     metadata = call.body.get("metadata")
+    # A deferred hold is written only for a call that is charged: a failed
+    # one held nothing.
+    unheld = call.unheld_micros if succeeded else None
     record = call_settle(
         team=call.key.team,
         request_id=call.request_id,
         budget_reserved_micros=call.budget_reserved_micros,
-        held_micros=call.held_micros,
+        held_micros=call.held_micros if unheld is None else None,
+        unheld_micros=unheld,
         charge_micros=_charge(
             call,
             cost_micros=cost,
@@ -825,13 +860,20 @@ async def prepare(
         if call is None:
             call = _prepare(request, endpoint, body, job_id)
             _admit(call)
+        cache_wanted = response_cache.wanted(request, body, call.key.team)
         try:
-            _hold(call)
+            # A stream's first chunk, or a cached answer, may leave before
+            # any settlement: their holds are written first.
+            _hold(
+                call,
+                deferrable=not cache_wanted
+                and not (endpoint == "chat" and body.get("stream")),
+            )
         except GatewayError:
             limits.release(call.admission, actual_tokens=0)
             raise
         # Step 5: the team's response cache.
-        if response_cache.wanted(request, body, call.key.team):
+        if cache_wanted:
             call.cache_key = response_cache.key_for(
                 call.key.team, call.group.group_name, endpoint, body
             )

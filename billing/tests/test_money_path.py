@@ -306,6 +306,27 @@ def test_markup_raises_the_cost(client, fake_upstream):
 # --- across processes -------------------------------------------------------------------
 
 
+def post(server, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=CALL,
+        headers={"X-API-Key": key},
+        timeout=60,
+    )
+
+
+def calls_at_once(servers, key: str, count: int) -> list[tuple[int, str]]:
+    """``count`` calls, 30 in flight at a time, to ``servers`` in turn: the
+    status and request id of each."""
+
+    def one(n: int) -> tuple[int, str]:
+        response = post(servers[n % len(servers)], key)
+        return response.status_code, response.headers.get("x-request-id", "")
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        return list(pool.map(one, range(count)))
+
+
 def test_concurrent_calls_on_two_processes_never_overspend(two_servers, fake_upstream):
     """60 calls, split over two gateway processes, against credits that cover
     exactly K = 10 holds: at most 10 succeed, all others are 402, the ledger
@@ -315,18 +336,7 @@ def test_concurrent_calls_on_two_processes_never_overspend(two_servers, fake_ups
     )
     fake_upstream.program("money", latency=0.2)  # keep calls in flight together
 
-    def one(n: int) -> tuple[int, str]:
-        server = two_servers[n % 2]
-        response = httpx.post(
-            f"{server.url}/v1/chat/completions",
-            json=CALL,
-            headers={"X-API-Key": key},
-            timeout=60,
-        )
-        return response.status_code, response.headers.get("x-request-id", "")
-
-    with ThreadPoolExecutor(max_workers=30) as pool:
-        results = list(pool.map(one, range(60)))
+    results = calls_at_once(two_servers, key, 60)
 
     statuses = [status for status, _ in results]
     assert set(statuses) <= {200, 402}

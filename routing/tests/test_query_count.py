@@ -16,7 +16,9 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 # hold is one statement (the account update feeding its ledger row) and so is
 # the settlement (the account update feeding the capture row and the usage
 # record; the team is job_based, so the capture takes the whole hold and there
-# is no release): billing/statements.py.
+# is no release): billing/statements.py. (This team's 100 credits are under
+# GATEWAY_DEFERRED_HOLD_MARGIN times its 1-credit calls; a team far above it
+# holds with the settlement, in 1 statement: billing/tests/test_deferred_hold.py.)
 QUERIES_PER_CALL = 2
 # The services' ORM path, which SQLite runs and PostgreSQL falls back to: the
 # hold in one transaction (BEGIN, lock the account, idempotency read, ledger
