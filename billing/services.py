@@ -397,6 +397,10 @@ def credits_hold(
             return existing.held_delta_micros
         available = account.balance_micros + account.overdraft_limit_micros
         if amount_micros > available:
+            # What this process saw of the team's credits is out of date: its
+            # next calls hold first (credits_hold_may_wait) until a hold or a
+            # settlement tells it again.
+            statements.available_forget(team.pk)
             raise InsufficientCredits(
                 f"Not enough credits: this call may cost {from_micros(amount_micros)} "
                 f"credits and {from_micros(max(available, 0))} are available"
@@ -527,18 +531,12 @@ def call_settle(
             return record
     if unheld_micros is not None:
         with transaction.atomic():
-            try:
-                held = credits_hold(
-                    team=team,
-                    amount_micros=unheld_micros,
-                    request_id=request_id,
-                    job=usage.get("job"),
-                )
-            except InsufficientCredits:
-                # What this process saw is out of date: the team's next calls
-                # hold first until a hold tells it again.
-                statements.available_forget(team.pk)
-                raise
+            held = credits_hold(
+                team=team,
+                amount_micros=unheld_micros,
+                request_id=request_id,
+                job=usage.get("job"),
+            )
             return call_settle(
                 team=team,
                 request_id=request_id,

@@ -263,7 +263,8 @@ GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 4096, minimum
 GATEWAY_FALLBACK_PRICE = env_price_pair("GATEWAY_FALLBACK_PRICE_PER_MILLION")
 # A call whose hold is this many times smaller than the team's available
 # credits (as this process last saw them) writes its hold with its settlement,
-# in one statement, instead of before the provider is called. 0: always before.
+# in one statement (a stream: while the provider opens it), instead of before
+# the provider is called. 0: always before.
 GATEWAY_DEFERRED_HOLD_MARGIN = env_int("GATEWAY_DEFERRED_HOLD_MARGIN", 100, minimum=0)
 # Rate limits live in Redis; when it cannot be reached, admit (fail-open) or
 # refuse with 503 (fail-closed). /readyz reports Redis either way.

@@ -627,12 +627,14 @@ def _hold(call: Call, *, deferrable: bool = False) -> None:
     called: the estimate at the dearest candidate's price.
     Raises InsufficientCredits (402); nothing is written then.
 
-    ``deferrable`` (an answer that leaves only after its settlement): when
-    the team's credits, as this process last saw them, cover the hold
-    GATEWAY_DEFERRED_HOLD_MARGIN times over, the hold is written with the
-    settlement instead, in the same statement and under the same guard (one
-    round trip to the database per call instead of two). If the credits no
-    longer cover it then, the answer is a 402 and nothing is written."""
+    ``deferrable``: when the team's credits, as this process last saw them,
+    cover the hold GATEWAY_DEFERRED_HOLD_MARGIN times over, the hold is left
+    to ``call.unheld_micros``. A call answered at once writes it with its
+    settlement, in the same statement and under the same guard (one round
+    trip to the database per call instead of two); a stream writes it while
+    the provider opens the stream, and its first chunk waits for it
+    (_stream). If the credits no longer cover it then, the answer is a 402
+    and nothing is written."""
     candidates = [t for t in call.targets if t.deployment_id in call.prices]
     if not candidates:
         return  # routing will answer 503; nothing to hold
@@ -862,13 +864,9 @@ async def prepare(
             _admit(call)
         cache_wanted = response_cache.wanted(request, body, call.key.team)
         try:
-            # A stream's first chunk, or a cached answer, may leave before
-            # any settlement: their holds are written first.
-            _hold(
-                call,
-                deferrable=not cache_wanted
-                and not (endpoint == "chat" and body.get("stream")),
-            )
+            # A cached answer's hold is written first; a stream's may be
+            # written while its first chunk is on the way (_stream).
+            _hold(call, deferrable=not cache_wanted)
         except GatewayError:
             limits.release(call.admission, actual_tokens=0)
             raise
@@ -1018,9 +1016,37 @@ async def _stream_from_cache(call: Call) -> HttpResponseBase:
     return _headers(response, call, None)
 
 
+def _hold_unheld(call: Call) -> None:
+    """Write the hold ``_hold`` left to the call. Raises InsufficientCredits."""
+    amount, call.unheld_micros = call.unheld_micros, None
+    if amount is not None:
+        call.held_micros = credits_hold(
+            team=call.key.team, amount_micros=amount, request_id=call.request_id
+        )
+
+
 async def _stream(call: Call) -> HttpResponseBase:
     """Open the stream on the first deployment that yields a first chunk; then
-    relay chunk by chunk. Failures before the first chunk fall back."""
+    relay chunk by chunk. Failures before the first chunk fall back.
+
+    A hold ``_hold`` left to the call is written meanwhile, and nothing leaves
+    and nothing is recorded before it is: if it is refused, the stream is
+    closed and the answer is the 402, with nothing written."""
+    holding = (
+        asyncio.ensure_future(in_thread(_hold_unheld, call))
+        if call.unheld_micros is not None
+        else None
+    )
+
+    async def held() -> None:
+        if holding is None:
+            return
+        try:
+            await holding
+        except GatewayError:
+            limits.release(call.admission, actual_tokens=0)
+            raise
+
     tried: list[ProviderError] = []
     for target in _candidates(call):
         admitted, admission = await _deployment_admit_async(call, target)
@@ -1047,6 +1073,7 @@ async def _stream(call: Call) -> HttpResponseBase:
                 gateway_error = GatewayError(
                     error.message, code=error.code, http_status=error.status
                 )
+                await held()
                 await in_thread(
                     _record,
                     call,
@@ -1061,6 +1088,11 @@ async def _stream(call: Call) -> HttpResponseBase:
         call.attempts.append(_attempt(target, started, None))
         # The deployment keeps the estimate reserved: a stream settles later.
         limits.release(admission, actual_tokens=call.estimated_tokens)
+        try:
+            await held()
+        except GatewayError:
+            await chunks.aclose()
+            raise
         response = StreamingHttpResponse(
             _relay(call, target, first, chunks), content_type="text/event-stream"
         )
@@ -1068,6 +1100,7 @@ async def _stream(call: Call) -> HttpResponseBase:
         response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
         return _headers(response, call, target)
     refusal = _all_failed(call, tried)
+    await held()
     await in_thread(_record, call, target=None, status=UsageStatus.ERROR, error=refusal)
     raise refusal
 

@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
@@ -314,7 +314,9 @@ async def call(target: Target, kind: str, body: dict[str, Any]) -> Completion:
     )
 
 
-async def stream(target: Target, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def stream(
+    target: Target, body: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
     """One streaming attempt: OpenAI chunk dicts as they arrive; the upstream is
     always asked for a usage chunk. Raises ProviderError (before or during)."""
     if target.adapter == "passthrough":

@@ -4,7 +4,11 @@ over, the hold, the capture, the release and the usage record are one
 statement after the provider answers, under the hold's own guard. Anything
 else holds first, as before (test_money_path.py)."""
 
+import threading
+import time
+
 import pytest
+from django.db import transaction
 
 from billing import statements
 from billing.models import CreditAccount, LedgerEntry, UsageRecord
@@ -90,8 +94,17 @@ def test_credits_below_the_margin_are_held_before_the_provider(
         assert _call(client, key).status_code == 200
 
 
+def _spend_elsewhere(team) -> None:
+    """Hold all but 0.001 of the team's credits the way another process
+    would: out of this process's sight (the ORM path notes nothing)."""
+    available = CreditAccount.objects.get(team=team).balance_micros
+    with pytest.MonkeyPatch.context() as elsewhere:
+        elsewhere.setattr(statements, "available", lambda: False)
+        credits_hold(team=team, amount_micros=available - 1_000, request_id="other")
+
+
 def test_credits_spent_meanwhile_refuse_the_call_at_settlement_with_nothing_written(
-    client, fake_upstream, monkeypatch
+    client, fake_upstream
 ):
     """Another process spent nearly everything after this one last looked:
     the provider has answered, but the hold's guard refuses the settlement,
@@ -100,10 +113,7 @@ def test_credits_spent_meanwhile_refuse_the_call_at_settlement_with_nothing_writ
     team, key = _open(fake_upstream)
     VirtualKey.objects.filter(team=team).update(max_parallel_requests=5)
     _warm(client, key)
-    available = CreditAccount.objects.get(team=team).balance_micros
-    with monkeypatch.context() as elsewhere:  # a hold this process does not see
-        elsewhere.setattr(statements, "available", lambda: False)
-        credits_hold(team=team, amount_micros=available - 1_000, request_id="other")
+    _spend_elsewhere(team)
     entries = list(LedgerEntry.objects.values_list("id", flat=True))
 
     response = _call(client, key)
@@ -138,20 +148,55 @@ def test_a_failed_call_with_its_hold_deferred_writes_no_ledger_rows(
     assert CreditAccount.objects.get(team=team).balance_micros == balance
 
 
-def test_a_stream_is_held_before_its_first_chunk(client, fake_upstream, monkeypatch):
+def test_a_streams_hold_is_written_while_the_provider_opens_it(client, fake_upstream):
+    """The hold waits on the account's row lock (another transaction holds
+    it): the provider is asked meanwhile, and no chunk leaves before the hold
+    is written."""
     team, key = _open(fake_upstream)
     _warm(client, key)
+    answered: list = []
+    caller = threading.Thread(
+        target=lambda: answered.append(_stream(client, key)), daemon=True
+    )
 
-    def unexpected(**kwargs):
-        raise AssertionError("a stream's hold was deferred")
+    with transaction.atomic():
+        CreditAccount.objects.select_for_update().get(team=team)
+        caller.start()
+        deadline = time.monotonic() + 10
+        while fake_upstream.calls("money") < 2:
+            assert time.monotonic() < deadline, "the provider was not asked"
+            time.sleep(0.01)
+        caller.join(0.5)
+        assert caller.is_alive() and not answered  # waiting for the hold
 
-    monkeypatch.setattr(statements, "call_settle_unheld_statement", unexpected)
-    response = _call(client, key, {**CALL, "stream": True})
-
+    caller.join(10)
+    (response, content) = answered[0]
     assert response.status_code == 200
-    assert b"[DONE]" in b"".join(response)
+    assert b"[DONE]" in content
     hold, capture, release = _entries(team, response["x-request-id"])
     assert (hold[0], capture[0], release[0]) == ("hold", "capture", "release")
+
+
+def test_a_streams_hold_refused_closes_it_before_any_chunk(client, fake_upstream):
+    team, key = _open(fake_upstream)
+    VirtualKey.objects.filter(team=team).update(max_parallel_requests=5)
+    _warm(client, key)
+    _spend_elsewhere(team)
+    entries = list(LedgerEntry.objects.values_list("id", flat=True))
+
+    response, content = _stream(client, key)
+
+    assert response.status_code == 402, content
+    assert b"insufficient_credits" in content and b"data:" not in content
+    assert list(LedgerEntry.objects.values_list("id", flat=True)) == entries
+    assert not UsageRecord.objects.filter(request_id=response["x-request-id"]).exists()
+    key_pk = VirtualKey.objects.get(team=team).pk
+    assert limits._backend().client.get(f"rl:key:{key_pk}:par") == b"0"
+
+
+def _stream(client, key):
+    response = _call(client, key, {**CALL, "stream": True})
+    return response, b"".join(response)
 
 
 def test_a_job_based_team_with_few_credits_holds_first(
