@@ -488,6 +488,9 @@ async def _attempt_all(call: Call) -> tuple[Target, providers.Completion]:
         started = time.monotonic()
         try:
             completion = await providers.call(target, call.endpoint, call.body)
+        except asyncio.CancelledError:
+            limits.release(admission, actual_tokens=0)
+            raise
         except ProviderError as error:
             limits.release(admission, actual_tokens=0)
             call.attempts.append(_attempt(target, started, error))
@@ -890,6 +893,25 @@ async def complete(call: Call) -> tuple[Target | None, providers.Completion]:
     except GatewayError as error:
         await in_thread(
             _record, call, target=None, status=UsageStatus.ERROR, error=error
+        )
+        raise
+    except asyncio.CancelledError:
+        # The client went away before the answer (asgi.py cancels the view):
+        # the call is recorded as failed and not charged, and its hold and
+        # rate-limit slot are released now rather than when they expire.
+        # (A stream pays for what it generated: _relay.)
+        await asyncio.shield(
+            in_thread(
+                _record,
+                call,
+                target=None,
+                status=UsageStatus.ERROR,
+                error=GatewayError(
+                    "The client closed the connection before the answer",
+                    code="client_disconnected",
+                    http_status=499,
+                ),
+            )
         )
         raise
     source = (

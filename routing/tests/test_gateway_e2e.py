@@ -12,12 +12,13 @@ import httpx
 import openai
 import pytest
 
-from billing.models import LedgerEntry, UsageRecord
+from billing.models import CreditAccount, LedgerEntry, UsageRecord
 from billing.services import team_open
 from billing.tests.prices import price
 from gateway_project.money import MICROS
 from routing.models import Deployment
 from routing.services import model_group_create, provider_credential_create
+from tenants.models import VirtualKey
 from tenants.services import organization_create
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -362,6 +363,33 @@ def test_client_disconnect_mid_stream_leaves_one_record(gateway):
         request_id=record.request_id, entry_type="capture"
     )
     assert -capture.held_delta_micros == record.credits_micros > 0
+
+
+def test_client_disconnect_before_an_answer_frees_its_slot_and_credits(gateway):
+    """A caller that gives up on a call still with the provider: the call is
+    recorded as failed and not charged, its hold is released and its
+    concurrency slot is free for the next call at once."""
+    VirtualKey.objects.update(max_parallel_requests=1)
+    gateway["fake"].program("primary", {"latency": 2}, {"latency": 0})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{gateway['url']}/v1/chat/completions",
+            json={"model": "chat", "messages": MESSAGES},
+            headers={"Authorization": f"Bearer {gateway['key']}"},
+            timeout=0.5,
+        )
+
+    (record,) = _wait_for_records(1)
+    assert (record.status, record.error_code, record.http_status) == (
+        "error",
+        "client_disconnected",
+        499,
+    )
+    assert record.credits_micros == 0
+    account = CreditAccount.objects.get(team__team_id="team_e2e")
+    assert (account.held_micros, account.balance_micros) == (0, 100 * MICROS)
+    answer = gateway["client"].chat.completions.create(model="chat", messages=MESSAGES)
+    assert answer.choices[0].message.content
 
 
 def test_fifty_concurrent_calls_leave_fifty_records(gateway):
