@@ -338,18 +338,31 @@ def test_concurrent_calls_on_two_processes_never_overspend(two_servers, fake_ups
 
     results = calls_at_once(two_servers, key, 60)
 
+    assert_charged_at_most(team, results, 10)
+
+
+def assert_charged_at_most(
+    team, results: list[tuple[int, str]], covered: int, settled_before=()
+) -> list[str]:
+    """Of ``results`` (status, request id), between 1 and ``covered`` are
+    200s (1 credit each) and all the others are 402s; the account kept what
+    they did not spend and holds nothing; each 200, and each earlier call in
+    ``settled_before``, has its one usage record and capture. Returns the
+    request ids of the 200s."""
     statuses = [status for status, _ in results]
     assert set(statuses) <= {200, 402}
     successes = [request_id for status, request_id in results if status == 200]
-    assert 1 <= len(successes) <= 10
-    assert statuses.count(402) == 60 - len(successes)
+    assert 1 <= len(successes) <= covered
+    assert statuses.count(402) == len(results) - len(successes)
     account = CreditAccount.objects.get(team=team)
-    assert account.balance_micros == (10 - len(successes)) * MICROS >= 0
+    assert account.balance_micros == (covered - len(successes)) * MICROS >= 0
     assert account.held_micros == 0
+    charged = [*settled_before, *successes]
     assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == sorted(
-        successes
+        charged
     )
-    assert LedgerEntry.objects.filter(entry_type="capture").count() == len(successes)
+    assert LedgerEntry.objects.filter(entry_type="capture").count() == len(charged)
+    return successes
 
 
 def test_a_process_killed_mid_call_leaves_a_visible_hold(running_server, fake_upstream):

@@ -11,11 +11,11 @@ from billing.models import LedgerEntry, UsageRecord
 from gateway_project.cache import cache
 from routing import limits
 from routing.pipeline import _cooldown_key
+from routing.tests.calls import chat_call
 from tenants.models import VirtualKey
 from tenants.services import virtual_key_issue, virtual_key_revoke
 
 pytestmark = pytest.mark.django_db(transaction=True)
-CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
@@ -24,17 +24,8 @@ def known(client, team):
     team.rpm_limit = 1_000
     team.save(update_fields=["rpm_limit"])
     key, plaintext = virtual_key_issue(team=team)
-    assert _call(client, plaintext).status_code == 200
+    assert chat_call(client, plaintext).status_code == 200
     return key, plaintext
-
-
-def _call(client, plaintext):
-    return client.post(
-        "/v1/chat/completions",
-        CHAT,
-        content_type="application/json",
-        HTTP_X_API_KEY=plaintext,
-    )
 
 
 def _requests_counted() -> list[int]:
@@ -49,7 +40,7 @@ def test_a_known_call_is_admitted_through_the_one_round_trip(
     full_path = []
     monkeypatch.setattr(limits, "acquire", lambda *a, **k: full_path.append(1))
 
-    response = _call(client, plaintext)
+    response = chat_call(client, plaintext)
 
     assert response.status_code == 200
     assert response["x-ratelimit-remaining-requests"] == "998"
@@ -65,15 +56,15 @@ def test_a_known_call_over_its_limit_is_refused_with_nothing_written(
     team.rpm_limit = 2
     team.save(update_fields=["rpm_limit"])
     _, plaintext = virtual_key_issue(team=team)
-    assert _call(client, plaintext).status_code == 200
+    assert chat_call(client, plaintext).status_code == 200
     full_path = []
     monkeypatch.setattr(limits, "acquire", lambda *a, **k: full_path.append(1))
-    assert _call(client, plaintext).status_code == 200
+    assert chat_call(client, plaintext).status_code == 200
     counted = _requests_counted()
     entries = LedgerEntry.objects.count()
 
     # When a third comes within the minute
-    response = _call(client, plaintext)
+    response = chat_call(client, plaintext)
 
     # Then the one round trip refuses it, and nothing is written
     assert response.status_code == 429
@@ -91,7 +82,7 @@ def test_a_revocation_is_seen_by_the_next_call(client, known):
     entries = LedgerEntry.objects.count()
 
     virtual_key_revoke(key=key)
-    response = _call(client, plaintext)
+    response = chat_call(client, plaintext)
 
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
@@ -105,7 +96,7 @@ def test_a_wrong_secret_for_a_known_key_counts_nothing(client, known):
     counted = _requests_counted()
     wrong = plaintext[:-4] + ("aaaa" if not plaintext.endswith("aaaa") else "bbbb")
 
-    response = _call(client, wrong)
+    response = chat_call(client, wrong)
 
     assert response.status_code == 401
     assert _requests_counted() == counted
@@ -120,7 +111,7 @@ def test_a_flushed_cache_sends_the_call_the_full_way(client, known):
     VirtualKey.objects.filter(pk=key.pk).update(rpm_limit=7)
     cache.clear()
 
-    response = _call(client, plaintext)
+    response = chat_call(client, plaintext)
 
     assert response.status_code == 200
     assert response["x-ratelimit-limit-requests"] == "7"
@@ -130,7 +121,7 @@ def test_a_cooldown_is_read_in_the_same_round_trip(client, known, deployment):
     _, plaintext = known
     cache.set(_cooldown_key(deployment.pk), 1, timeout=60)
 
-    response = _call(client, plaintext)
+    response = chat_call(client, plaintext)
 
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_deployment_available"
@@ -142,5 +133,5 @@ def test_a_script_redis_lost_is_loaded_again(client, known):
     _, plaintext = known
     get_redis_connection("default").script_flush()
 
-    assert _call(client, plaintext).status_code == 200
+    assert chat_call(client, plaintext).status_code == 200
     assert UsageRecord.objects.count() == 2

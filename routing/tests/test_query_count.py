@@ -6,10 +6,10 @@ from redis.connection import AbstractConnection
 
 from billing import statements
 from billing.models import UsageRecord
+from routing.tests.calls import chat_call
 from tenants.services import virtual_key_issue
 
 pytestmark = pytest.mark.django_db(transaction=True)
-CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
 # The key comes from the key cache and the group, its deployments and prices
 # from the process's routes (both checked against Redis). On PostgreSQL the
@@ -42,9 +42,9 @@ def test_a_chat_call_makes_a_pinned_number_of_queries(
     monkeypatch.setattr(statements, "available", lambda: one_statement)
     _, plaintext = virtual_key_issue(team=team)
 
-    assert _call(client, plaintext).status_code == 200  # warms the key cache
+    assert chat_call(client, plaintext).status_code == 200  # warms the key cache
     with django_assert_num_queries(queries):
-        response = _call(client, plaintext)
+        response = chat_call(client, plaintext)
 
     assert response.status_code == 200
     assert UsageRecord.objects.count() == 2
@@ -58,7 +58,7 @@ def test_a_chat_call_makes_a_pinned_number_of_redis_round_trips(
     _, plaintext = virtual_key_issue(team=team)
 
     assert (
-        _call(client, plaintext).status_code == 200
+        chat_call(client, plaintext).status_code == 200
     )  # warms the key cache, loads the script
     sent = []
     send = AbstractConnection.send_packed_command
@@ -68,17 +68,8 @@ def test_a_chat_call_makes_a_pinned_number_of_redis_round_trips(
         return send(self, command, *args, **kwargs)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
-    response = _call(client, plaintext)
+    response = chat_call(client, plaintext)
 
     assert response.status_code == 200
     assert response["x-ratelimit-limit-requests"] == "1000"
     assert len(sent) == REDIS_ROUND_TRIPS_PER_CALL
-
-
-def _call(client, plaintext):
-    return client.post(
-        "/v1/chat/completions",
-        CHAT,
-        content_type="application/json",
-        HTTP_X_API_KEY=plaintext,
-    )
