@@ -30,13 +30,14 @@ COPY . .
 # DATABASE_URL is set; neither value outlives this command. The SQLite URL keeps
 # the build away from any real database (and from embedded mode's var/ dir).
 # /app/var is writable because embedded mode (no DATABASE_URL) keeps its SQLite
-# file and generated key there.
+# file and generated key there, and every mode its settlement journal
+# (/app/var/journal, a volume in docker-compose.yml).
 RUN SECRET_KEY=build-only-collectstatic-key-not-used-at-runtime-0123456789 \
     DATABASE_URL=sqlite:////tmp/build.sqlite3 \
     python manage.py collectstatic --noinput \
     && rm -f /tmp/build.sqlite3 \
-    && mkdir -p /app/var \
-    && chown gateway:gateway /app/var
+    && mkdir -p /app/var/journal \
+    && chown -R gateway:gateway /app/var
 
 USER gateway
 

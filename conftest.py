@@ -20,11 +20,12 @@ from django.test import Client
 
 from accounts.models import Role, User
 from billing import statements
+from billing.journal import journal_forget
 from billing.services import credit_account_open, credits_allocate
 from billing.tests.prices import price
 from gateway_project.money import MICROS
+from routing.inference.route import routes_forget
 from routing.models import Deployment, ModelGroup
-from routing.pipeline import routes_forget
 from routing.services import deployment_create, model_group_create
 from tenants.models import Organization, Team
 from tenants.services import organization_create, team_create
@@ -43,6 +44,21 @@ def pytest_configure(config: pytest.Config) -> None:
     # Production-strength hashing costs ~0.3 s a password; tests create many
     # operators. test_password_is_stored_hashed checks the real hasher.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # No journal thread in the test process: a test applies what it journals
+    # itself (the servers it starts keep theirs).
+    settings.GATEWAY_JOURNAL_RETRY_SECONDS = 0
+
+
+@pytest.fixture(autouse=True)
+def journal_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A settlement journal of the test's own, shared with the servers it
+    starts: nothing journaled for an earlier test's (flushed) database is
+    replayed into this one."""
+    folder = tmp_path_factory.mktemp("journal")
+    os.environ["GATEWAY_JOURNAL_DIR"] = str(folder)
+    settings.GATEWAY_JOURNAL_DIR = folder
+    yield folder
+    journal_forget()
 
 
 @pytest.fixture(autouse=True)

@@ -205,6 +205,13 @@ class JobStatus(models.TextChoices):
     IN_PROGRESS = "in_progress", "In progress"
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
+    EXPIRED = "expired", "Expired"
+
+
+# A job in one of these takes no more calls and cannot be completed (409
+# job_closed); its held credit, if any, is settled.
+JOB_CLOSED_STATUSES = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.EXPIRED)
+JOB_OPEN_STATUSES = (JobStatus.PENDING, JobStatus.IN_PROGRESS)
 
 
 class Job(models.Model):
@@ -243,6 +250,12 @@ class Job(models.Model):
         indexes = [
             models.Index(fields=["team", "-created_at"]),
             models.Index(fields=["team", "status"]),
+            # What job expiry scans every few minutes: only the open jobs.
+            models.Index(
+                fields=["created_at"],
+                condition=Q(status__in=JOB_OPEN_STATUSES),
+                name="billing_job_open_created_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -253,6 +266,9 @@ class UsageStatus(models.TextChoices):
     SUCCESS = "success", "Success"
     ERROR = "error", "Error"
     CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
+    # A stream cut off by the gateway's own end (its process died): settled
+    # from the settlement journal at what it had relayed.
+    INTERRUPTED = "interrupted", "Interrupted"
 
 
 class UsageSource(models.TextChoices):
@@ -268,7 +284,10 @@ class UsageRecord(models.Model):
     so later price changes never rewrite history.
     """
 
+    # The gateway's own id of the call; the caller's X-Request-Id, if any,
+    # is only a correlation value beside it.
     request_id = models.CharField(max_length=64)  # unique: Meta
+    client_request_id = models.CharField(max_length=64, blank=True, default="")
     # Every call inserts a row here, and pays for each index and each foreign
     # key check. The references every call carries (organization, team, key,
     # model group, deployment) are therefore not checked by the database: a

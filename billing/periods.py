@@ -3,19 +3,25 @@ credit accounts refilled.
 
 Both are idempotent: a window that already starts at the current boundary is
 left alone, and a refill's ledger row carries the period in its idempotency
-key, so a second run in the same period writes nothing.
+key, so a second run in the same period writes nothing. Each row is its own
+transaction: one that fails is logged and counted, and the others go on.
 """
 
+import logging
 from datetime import datetime
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import Q
 
 from billing.budgets import _roll, window_start
 from billing.models import CreditAccount, LedgerEntry, LedgerEntryType
 from billing.services import _entry
+from gateway_project.metrics import BACKGROUND_FAILURES
 from tenants.models import BudgetPeriod, Organization, Team, VirtualKey
+
+logger = logging.getLogger(__name__)
 
 REFILL_PERIODS = (BudgetPeriod.DAILY, BudgetPeriod.WEEKLY, BudgetPeriod.MONTHLY)
 
@@ -23,9 +29,11 @@ REFILL_PERIODS = (BudgetPeriod.DAILY, BudgetPeriod.WEEKLY, BudgetPeriod.MONTHLY)
 def budgets_reset(*, now: datetime) -> dict[str, int]:
     """Start the new budget and quota windows of every organization, team and
     key whose window ``now`` has left; returns how many rows were reset per
-    model. The request path rolls a window lazily too (billing/budgets.py);
-    this makes the reset visible to operators at the boundary."""
+    model, and how many failed (logged; the others are still reset). The
+    request path rolls a window lazily too (billing/budgets.py); this makes
+    the reset visible to operators at the boundary."""
     counts: dict[str, int] = {}
+    failed = 0
     limited: list[tuple[Any, Q]] = [
         (Organization, Q(budget_limit_micros__isnull=False)),
         (
@@ -41,18 +49,31 @@ def budgets_reset(*, now: datetime) -> dict[str, int]:
     ]
     for model, condition in limited:
         reset = 0
+        name = model.__name__.lower()
         for pk in model.objects.filter(condition).values_list("pk", flat=True):
-            # One short transaction per row, under the same row lock that
-            # budgets_reserve takes, so a call reserving at the boundary and
-            # the reset never both start the window.
-            with transaction.atomic():
-                entity = model.objects.select_for_update().get(pk=pk)
-                changes = _roll(entity, now)
-                if changes:
-                    model.objects.filter(pk=pk).update(**changes)
-                    reset += 1
-        counts[model.__name__.lower()] = reset
+            try:
+                reset += _window_reset(model, pk, now)
+            except SoftTimeLimitExceeded:
+                raise  # the task's time is up: stop, not the row's fault
+            except Exception:
+                logger.exception("budget windows of %s %s could not be reset", name, pk)
+                BACKGROUND_FAILURES.labels(work="budgets_reset").inc()
+                failed += 1
+        counts[name] = reset
+    counts["failed"] = failed
     return counts
+
+
+def _window_reset(model: Any, pk: Any, now: datetime) -> bool:
+    # One short transaction per row, under the same row lock that
+    # budgets_reserve takes, so a call reserving at the boundary and the
+    # reset never both start the window.
+    with transaction.atomic():
+        entity = model.objects.select_for_update().get(pk=pk)
+        changes = _roll(entity, now)
+        if changes:
+            model.objects.filter(pk=pk).update(**changes)
+    return bool(changes)
 
 
 def refill_key(account_id: int, period_start: datetime) -> str:
@@ -94,14 +115,24 @@ def credit_account_refill(
 
 
 def credit_accounts_refill(*, now: datetime) -> dict[str, int]:
-    """Refill every account configured for it; returns how many ledger rows
-    were written and how many accounts were already refilled this period."""
-    written = already = 0
+    """Refill every account configured for it, each in its own transaction;
+    returns how many ledger rows were written, how many accounts were already
+    refilled this period, and how many failed (logged; the others are still
+    refilled, and the next run tries them again)."""
+    written = already = failed = 0
     accounts = CreditAccount.objects.filter(
         auto_refill_amount_micros__isnull=False,
         auto_refill_period__in=REFILL_PERIODS,
     ).values_list("pk", flat=True)
     for account_id in accounts:
-        _, created = credit_account_refill(account_id=account_id, now=now)
+        try:
+            _, created = credit_account_refill(account_id=account_id, now=now)
+        except SoftTimeLimitExceeded:
+            raise  # the task's time is up: stop, not the account's fault
+        except Exception:
+            logger.exception("credit account %s could not be refilled", account_id)
+            BACKGROUND_FAILURES.labels(work="credit_accounts_refill").inc()
+            failed += 1
+            continue
         written, already = written + created, already + (not created)
-    return {"refilled": written, "already_refilled": already}
+    return {"refilled": written, "already_refilled": already, "failed": failed}

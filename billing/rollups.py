@@ -126,10 +126,16 @@ class Totals:
         )
 
 
-def fell_back(attempts: Sequence[Mapping[str, Any]]) -> bool:
+def fell_back(attempts: object) -> bool:
     """Whether a call tried more than one deployment (skipped ones aside):
-    ``fallbacks_tried`` lists every attempt, the one that served included."""
-    return sum(1 for attempt in attempts if "skipped" not in attempt) > 1
+    ``fallbacks_tried`` lists every attempt, the one that served included.
+    A malformed value (not a list of objects: a row written behind the
+    services' back) counts only its objects and never raises, so that one
+    bad record cannot stop the rollups, which go hour by hour in order."""
+    if not isinstance(attempts, list | tuple):
+        return False
+    tried = [a for a in attempts if isinstance(a, Mapping) and "skipped" not in a]
+    return len(tried) > 1
 
 
 def latency_bucket(latency_ms: int) -> int:

@@ -1,8 +1,8 @@
 """Writes of the billing app: credit accounts and ledger movements."""
 
 from collections.abc import Iterable
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
+from uuid import UUID
 
 from django.db import transaction
 from django.db.models import F
@@ -13,6 +13,7 @@ from accounts.services import audit_log_record
 from billing import statements
 from billing.budgets import budgets_settle
 from billing.models import (
+    JOB_CLOSED_STATUSES,
     CreditAccount,
     Job,
     JobStatus,
@@ -21,6 +22,7 @@ from billing.models import (
     UsageRecord,
     UsageStatus,
 )
+from billing.settlement import Settlement
 from gateway_project.errors import GatewayError
 from gateway_project.money import MICROS, from_micros
 from tenants.models import BudgetMode, Organization, Team, VirtualKey
@@ -173,23 +175,6 @@ def credit_account_update(
     return account
 
 
-def usage_cost_micros(
-    *,
-    prompt_tokens: int,
-    completion_tokens: int,
-    input_price: int,
-    output_price: int,
-    markup_bps: int = 0,
-) -> int:
-    """Cost in micro-USD: prices are micro-USD per million tokens; one rounding,
-    half up, at the end."""
-    numerator = (prompt_tokens * input_price + completion_tokens * output_price) * (
-        10_000 + markup_bps
-    )
-    denominator = 1_000_000 * 10_000
-    return (2 * numerator + denominator) // (2 * denominator)
-
-
 def usage_record_create(*, request_id: str, **fields: Any) -> UsageRecord:
     """The one usage record of a request; a second call for the same request id
     returns the first record unchanged (settlement is idempotent). A call
@@ -258,11 +243,12 @@ def job_complete(
 ) -> Job:
     """Close a job as completed or failed. A job_based team's held credit is
     captured for a completed job and released for a failed one. Raises
-    GatewayError (409) if the job is already closed."""
+    GatewayError (409 job_closed) if the job is already closed (completed,
+    failed or expired)."""
     with transaction.atomic():
         account = _locked_account(job.team)
         job = Job.objects.select_for_update().get(pk=job.pk)
-        if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        if job.status in JOB_CLOSED_STATUSES:
             raise GatewayError(
                 f"Job is already {job.status}", code="job_closed", http_status=409
             )
@@ -278,7 +264,10 @@ def job_complete(
             else 0
         )
         job.credits_charged_micros += _settle(
-            account, request_id=f"job:{job.job_id}", charge_micros=charge, job=job
+            account,
+            request_id=f"job:{job.job_id}",
+            charge_micros=charge,
+            job_id=job.pk,
         )
         job.save(
             update_fields=[
@@ -300,18 +289,6 @@ class InsufficientCredits(GatewayError):
     code = "insufficient_credits"
 
 
-def credits_for_call(*, team: Team, cost_micros: int, tokens: int) -> int:
-    """Micro-credits a call costs in the team's budget mode (one rounding,
-    half up). job_based teams pay per job, not per call: 0 here."""
-    if team.budget_mode == BudgetMode.CONSUMPTION_USD:
-        credits = Decimal(cost_micros) * team.credits_per_dollar
-    elif team.budget_mode == BudgetMode.CONSUMPTION_TOKENS:
-        credits = Decimal(tokens) * MICROS / team.tokens_per_credit
-    else:
-        return 0
-    return int(credits.quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
 _ADDITIONS = {
     LedgerEntryType.ALLOCATION,
     LedgerEntryType.TOP_UP,
@@ -328,7 +305,7 @@ def _entry(
     held_delta: int,
     key: str,
     request_id: str = "",
-    job: Job | None = None,
+    job_id: UUID | None = None,
     reason: str = "",
     actor: User | None = None,
     actor_label: str = "gateway",
@@ -344,7 +321,7 @@ def _entry(
         balance_after_micros=account.balance_micros + amount,
         idempotency_key=key,
         request_id=request_id,
-        job=job,
+        job_id=job_id,
         reason=reason,
         actor=actor,
         actor_label=actor_label,
@@ -364,35 +341,50 @@ def _entry(
     return entry
 
 
-def _locked_account(team: Team) -> CreditAccount:
+def _locked_account(team: Team | int) -> CreditAccount:
+    """The team's credit account (opened if missing), locked."""
+    team_id = team if isinstance(team, int) else team.pk
     try:
-        return CreditAccount.objects.select_for_update().get(team=team)
+        return CreditAccount.objects.select_for_update().get(team_id=team_id)
     except CreditAccount.DoesNotExist:
-        credit_account_open(team=team)
-        return CreditAccount.objects.select_for_update().get(team=team)
+        CreditAccount.objects.get_or_create(team_id=team_id)
+        return CreditAccount.objects.select_for_update().get(team_id=team_id)
+
+
+# The most a hold may be: far below what the ledger's columns can add up.
+_MOST_HELD = 2**62
 
 
 def credits_hold(
-    *, team: Team, amount_micros: int, request_id: str, job: Job | None = None
+    *, team: Team | int, amount_micros: int, request_id: str, job: Job | None = None
 ) -> int:
-    """Reserve credits before a provider call; idempotent by request id.
+    """Reserve credits before a provider call; idempotent by request id
+    within the team's account.
 
     Raises InsufficientCredits (402) when the balance plus the overdraft limit
     does not cover it; nothing is written then. Returns the amount held.
     """
+    team_id = team if isinstance(team, int) else team.pk
+    job_id = job.pk if job is not None else None
     if amount_micros <= 0:
         return 0
+    if amount_micros > _MOST_HELD:
+        raise InsufficientCredits(
+            f"Not enough credits: this call may cost {from_micros(amount_micros)} credits"
+        )
     if statements.available() and statements.credits_hold_statement(
-        team_id=team.pk,
+        team_id=team_id,
         amount_micros=amount_micros,
         request_id=request_id,
-        job_id=job.pk if job is not None else None,
+        job_id=job_id,
     ):
         return amount_micros
     with transaction.atomic():
-        account = _locked_account(team)
+        account = _locked_account(team_id)
         key = f"hold:{request_id}"
-        existing = LedgerEntry.objects.filter(idempotency_key=key).first()
+        existing = LedgerEntry.objects.filter(
+            account=account, idempotency_key=key
+        ).first()
         if existing is not None:
             return existing.held_delta_micros
         available = account.balance_micros + account.overdraft_limit_micros
@@ -400,7 +392,7 @@ def credits_hold(
             # What this process saw of the team's credits is out of date: its
             # next calls hold first (credits_hold_may_wait) until a hold or a
             # settlement tells it again.
-            statements.available_forget(team.pk)
+            statements.available_forget(team_id)
             raise InsufficientCredits(
                 f"Not enough credits: this call may cost {from_micros(amount_micros)} "
                 f"credits and {from_micros(max(available, 0))} are available"
@@ -412,28 +404,34 @@ def credits_hold(
             held_delta=amount_micros,
             key=key,
             request_id=request_id,
-            job=job,
+            job_id=job_id,
         )
     return amount_micros
 
 
 def _settle(
-    account: CreditAccount, *, request_id: str, charge_micros: int, job: Job | None
+    account: CreditAccount,
+    *,
+    request_id: str,
+    charge_micros: int,
+    job_id: UUID | None = None,
 ) -> int:
     """Capture ``charge_micros`` of a request's hold and release the rest.
 
     Returns what was captured. A charge above the hold (a provider that
     overran) is taken from the balance down to the overdraft floor, never
-    below; the shortfall is reported in the capture's reason.
+    below; the shortfall is reported in the capture's reason. Rows of the
+    request in this account only: another account's are never touched.
     """
     # The request's hold, capture and release rows, in one read.
     entries = dict(
         LedgerEntry.objects.filter(
+            account=account,
             idempotency_key__in=[
                 f"hold:{request_id}",
                 f"capture:{request_id}",
                 f"release:{request_id}",
-            ]
+            ],
         ).values_list("idempotency_key", "held_delta_micros")
     )
     if f"capture:{request_id}" in entries or f"release:{request_id}" in entries:
@@ -455,7 +453,7 @@ def _settle(
             held_delta=-captured,
             key=f"capture:{request_id}",
             request_id=request_id,
-            job=job,
+            job_id=job_id,
             reason=reason,
         )
     if held - captured > 0:
@@ -466,14 +464,14 @@ def _settle(
             held_delta=-(held - captured),
             key=f"release:{request_id}",
             request_id=request_id,
-            job=job,
+            job_id=job_id,
         )
     return captured + extra
 
 
 def credits_hold_may_wait(*, team: Team, amount_micros: int, margin: int) -> bool:
     """Whether a call's hold may be written with its settlement instead of
-    before the provider is called (``call_settle(unheld_micros=...)``): on
+    before the provider is called (``Settlement.unheld_micros``): on
     PostgreSQL, when this process saw the team's available credits within the
     last seconds at ``margin`` times the amount or more. The settlement still
     holds under the same guard, and a 402 then writes nothing; what waiting
@@ -485,97 +483,69 @@ def credits_hold_may_wait(*, team: Team, amount_micros: int, margin: int) -> boo
     return seen is not None and seen >= amount_micros * margin
 
 
-def call_settle(
-    *,
-    team: Team,
-    request_id: str,
-    charge_micros: int,
-    budget_reserved_micros: int | None = None,
-    held_micros: int | None = None,
-    unheld_micros: int | None = None,
-    **usage: Any,
-) -> UsageRecord:
+def call_settle(settlement: Settlement) -> UsageRecord:
     """The end of a call, in one short transaction: its usage record, the
-    capture of what it cost and the release of the rest of its hold.
-    Idempotent by request id: a second settlement changes nothing.
+    capture of what it cost and the release of the rest of its hold, its
+    budgets corrected. Idempotent by the call's id: a second settlement
+    changes nothing and returns the first record.
 
-    ``held_micros``, when the caller knows what it held for the request, lets
-    the common case (no job, no key budget, a charge within the hold) run as
-    one statement on PostgreSQL (statements.py).
-
-    ``unheld_micros``: the call's hold was not written before (see
-    ``credits_hold_may_wait``); it is written now, with the settlement, under
-    the hold's guard. Raises InsufficientCredits (402), with nothing written,
-    when the credits no longer cover it."""
-    if (
-        budget_reserved_micros is None
-        and usage.get("job") is None
-        and statements.available()
-    ):
+    The common case (no job, no key budget, a charge within the hold) runs
+    as one statement on PostgreSQL (statements.py). A hold left to the
+    settlement (``unheld_micros``) is written now, under the hold's guard:
+    raises InsufficientCredits (402), with nothing written, when the credits
+    no longer cover it."""
+    s = settlement
+    if s.budget_reserved_micros is None and s.job_id is None and statements.available():
         record: UsageRecord | None = None
-        if unheld_micros is not None:
+        if s.unheld_micros is not None:
             record = statements.call_settle_unheld_statement(
-                team_id=team.pk,
-                hold_micros=unheld_micros,
-                charge_micros=charge_micros,
-                record=UsageRecord(request_id=request_id, **usage),
+                team_id=s.team_id,
+                hold_micros=s.unheld_micros,
+                charge_micros=s.charge_micros,
+                record=s.record(credits_micros=s.charge_micros),
             )
-        elif held_micros is not None:
+        elif s.held_micros is not None:
             record = statements.call_settle_statement(
-                team_id=team.pk,
-                held_micros=held_micros,
-                charge_micros=charge_micros,
-                record=UsageRecord(request_id=request_id, **usage),
+                team_id=s.team_id,
+                held_micros=s.held_micros,
+                charge_micros=s.charge_micros,
+                record=s.record(credits_micros=s.charge_micros),
             )
         if record is not None:
             return record
-    if unheld_micros is not None:
-        with transaction.atomic():
-            held = credits_hold(
-                team=team,
-                amount_micros=unheld_micros,
-                request_id=request_id,
-                job=usage.get("job"),
-            )
-            return call_settle(
-                team=team,
-                request_id=request_id,
-                charge_micros=charge_micros,
-                budget_reserved_micros=budget_reserved_micros,
-                held_micros=held,
-                **usage,
-            )
     with transaction.atomic():
-        account = _locked_account(team)
-        existing = UsageRecord.objects.filter(request_id=request_id).first()
+        if s.unheld_micros is not None:
+            credits_hold(
+                team=s.team_id, amount_micros=s.unheld_micros, request_id=s.call_id
+            )
+        account = _locked_account(s.team_id)
+        existing = UsageRecord.objects.filter(
+            request_id=s.call_id, team_id=s.team_id
+        ).first()
         if existing is not None:
             return existing
         charged = _settle(
             account,
-            request_id=request_id,
-            charge_micros=charge_micros,
-            job=usage.get("job"),
+            request_id=s.call_id,
+            charge_micros=s.charge_micros,
+            job_id=s.job_id,
         )
-        # The account lock serializes settlements of a request, and the
-        # record was not there under it: a plain insert (the unique request
-        # id still guards it).
-        usage.setdefault(
-            "total_tokens",
-            usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0),
-        )
-        record = UsageRecord.objects.create(
-            request_id=request_id, credits_micros=charged, **usage
-        )
+        # The account lock serializes settlements of a call, and the record
+        # was not there under it: a plain insert (the unique id still guards it).
+        record = s.record(credits_micros=charged)
+        record.save(force_insert=True)
         _job_count(record)
-        if budget_reserved_micros is not None and record.virtual_key is not None:
+        if s.budget_reserved_micros is not None and s.virtual_key_id is not None:
             budgets_settle(
-                key=record.virtual_key,
-                reserved_micros=budget_reserved_micros,
-                cost_micros=record.cost_micros,
-                succeeded=record.status != UsageStatus.ERROR,
+                key=VirtualKey.objects.select_related("team__organization").get(
+                    pk=s.virtual_key_id
+                ),
+                reserved_micros=s.budget_reserved_micros,
+                cost_micros=s.cost_micros,
+                succeeded=s.succeeded,
             )
-        if record.job_id is not None and charged:
-            Job.objects.filter(pk=record.job_id).update(
+        if s.job_id is not None and charged:
+            Job.objects.filter(pk=s.job_id).update(
                 credits_charged_micros=F("credits_charged_micros") + charged
             )
     return record

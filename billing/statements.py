@@ -25,7 +25,7 @@ as it always did), a charge above the hold, jobs, key budgets — returns
 Each statement also returns what the team then had available (balance plus
 overdraft), which this process remembers for a few seconds
 (``available_recall``): the pipeline defers the hold of a call that is a
-small part of it (routing/pipeline.py).
+small part of it (routing/inference/admit.py).
 """
 
 import threading

@@ -7,6 +7,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from django.conf import settings
@@ -16,6 +17,13 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.urls import set_script_prefix
 
 django_application = get_asgi_application()
+logger = logging.getLogger(__name__)
+
+from billing.journal import retry_start  # noqa: E402 - after Django is set up
+
+# A serving process applies the settlements it journaled, and replays the
+# journals of processes that died, as soon as the database takes them.
+retry_start()
 
 
 class ApiHandler(ASGIHandler):
@@ -56,7 +64,7 @@ class ApiHandler(ASGIHandler):
             return response
 
         # As Django does: a client that disconnects cancels the view (a
-        # stream then settles what was generated, pipeline._relay).
+        # stream then settles what was generated, routing/inference/relay.py).
         tasks = [
             asyncio.create_task(self.listen_for_disconnect(receive)),
             asyncio.create_task(process_request()),
@@ -75,6 +83,13 @@ class ApiHandler(ASGIHandler):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # What the view left to finish whatever happened: a streamed answer
+        # whose body was cut, or never read, is settled here (once).
+        for finalize in request.__dict__.get("finalizers", ()):
+            try:
+                await asyncio.shield(finalize())
+            except Exception:
+                logger.exception("finalizing a request failed")
         body_file.close()
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -89,8 +104,19 @@ class ApiHandler(ASGIHandler):
 api_application = ApiHandler()
 
 
+def _served_with_a_key(path: str) -> bool:
+    """/v1/ and the jobs' LLM calls (/api/jobs/<id>/llm-call[-stream]): the
+    calls of the request path, all made with a key."""
+    return path.startswith("/v1/") or (
+        path.startswith("/api/jobs/") and path.rstrip("/").endswith(_LLM_CALLS)
+    )
+
+
+_LLM_CALLS = ("/llm-call", "/llm-call-stream")
+
+
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+    if scope["type"] == "http" and _served_with_a_key(scope["path"]):
         await api_application(scope, receive, send)
     else:
         await django_application(scope, receive, send)

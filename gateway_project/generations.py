@@ -3,7 +3,7 @@ and every process drops what it cached under an older value at once.
 
 The routing generation covers model groups, their members, deployments,
 provider credentials and prices, which the request path keeps in memory
-(routing/pipeline.py); a process also reloads them every
+(routing/inference/route.py); a process also reloads them every
 GATEWAY_ROUTE_CACHE_SECONDS, so a change made without a bump (a raw SQL
 update) is picked up too.
 """

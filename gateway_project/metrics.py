@@ -61,6 +61,13 @@ REFUSALS = Counter(
     ["code"],
 )
 
+BACKGROUND_FAILURES = Counter(
+    "gateway_background_failures_total",
+    "Rows a background task could not process (each logged with its id); "
+    "the task went on with the others and retries them on its next run",
+    ["work"],
+)
+
 
 class HeldCreditsCollector(Collector):
     """Open holds, read from the credit accounts at scrape time."""

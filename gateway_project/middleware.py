@@ -1,4 +1,4 @@
-"""Request-id plumbing: every response carries ``x-request-id``."""
+"""Request-id plumbing: every response carries the server's ``x-request-id``."""
 
 import ipaddress
 import logging
@@ -32,13 +32,22 @@ def current_client_ip() -> str | None:
     return _current_client_ip.get()
 
 
-def request_id_for(request: HttpRequest) -> str:
-    supplied = request.headers.get("x-request-id", "")
-    return supplied if _SAFE_ID.match(supplied) else f"req_{uuid.uuid4().hex}"
+def client_request_id_for(request: HttpRequest) -> str:
+    """The caller's own id of its request (``X-Client-Request-Id``, as
+    OpenAI's SDKs send it, or ``X-Request-Id``) when short and harmless to
+    log; else "". A correlation value only: never the call's identity."""
+    supplied = request.headers.get("x-client-request-id") or request.headers.get(
+        "x-request-id", ""
+    )
+    return supplied if _SAFE_ID.match(supplied) else ""
 
 
 class RequestIdMiddleware:
-    """Sets ``request.request_id`` and echoes it as the ``x-request-id`` header."""
+    """Gives every request the server's own id (``request.request_id``,
+    answered as ``x-request-id``): it keys a call's hold, capture, release
+    and usage record, so no caller can choose it. The caller's own id is
+    kept as ``request.client_request_id`` and echoed as
+    ``x-client-request-id``."""
 
     sync_capable = True
     async_capable = True
@@ -56,7 +65,7 @@ class RequestIdMiddleware:
     def __call__(self, request: HttpRequest):  # type: ignore[no-untyped-def]
         if self.is_async:
             return self.__acall__(request)
-        request.request_id = request_id_for(request)  # type: ignore[attr-defined]
+        self._identify(request)
         token = _current_client_ip.set(client_ip(request))
         id_token = current_request_id.set(request.request_id)  # type: ignore[attr-defined]
         try:
@@ -64,11 +73,10 @@ class RequestIdMiddleware:
         finally:
             _current_client_ip.reset(token)
             current_request_id.reset(id_token)
-        response["x-request-id"] = request.request_id  # type: ignore[attr-defined,index]
-        return response
+        return self._answer(request, response)  # type: ignore[arg-type]
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        request.request_id = request_id_for(request)  # type: ignore[attr-defined]
+        self._identify(request)
         token = _current_client_ip.set(client_ip(request))
         id_token = current_request_id.set(request.request_id)  # type: ignore[attr-defined]
         try:
@@ -76,7 +84,18 @@ class RequestIdMiddleware:
         finally:
             _current_client_ip.reset(token)
             current_request_id.reset(id_token)
+        return self._answer(request, response)
+
+    @staticmethod
+    def _identify(request: HttpRequest) -> None:
+        request.request_id = f"req_{uuid.uuid4().hex}"  # type: ignore[attr-defined]
+        request.client_request_id = client_request_id_for(request)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _answer(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
         response["x-request-id"] = request.request_id  # type: ignore[attr-defined]
+        if request.client_request_id:  # type: ignore[attr-defined]
+            response["x-client-request-id"] = request.client_request_id  # type: ignore[attr-defined]
         return response
 
 

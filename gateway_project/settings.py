@@ -186,6 +186,15 @@ CELERY_TASK_SOFT_TIME_LIMIT = max(CELERY_TASK_TIME_LIMIT - 30, 1)
 # Holds older than this, that no settlement followed, are settled by
 # reconciliation (a process died mid-call).
 GATEWAY_STALE_HOLD_SECONDS = env_int("GATEWAY_STALE_HOLD_SECONDS", 900, minimum=60)
+# The settlement journal (billing/journal.py): settlements the database could
+# not take, and the progress of streams, on this machine's disk; a process
+# applies its own every GATEWAY_JOURNAL_RETRY_SECONDS, and dead processes'.
+GATEWAY_JOURNAL_DIR = Path(env_str("GATEWAY_JOURNAL_DIR", str(VAR_DIR / "journal")))
+GATEWAY_JOURNAL_RETRY_SECONDS = env_int("GATEWAY_JOURNAL_RETRY_SECONDS", 5, minimum=0)
+# A job still open this long after it was created is closed as expired by
+# the jobs_expire task; its held credit (job_based teams) is captured if the
+# job recorded a successful call and released otherwise.
+GATEWAY_JOB_TTL_SECONDS = env_int("GATEWAY_JOB_TTL_SECONDS", 86400, minimum=60)
 # Usage rollups cover an hour (a day) once it has been over this long, so
 # that calls settling at the boundary are inside.
 GATEWAY_ROLLUP_GRACE_SECONDS = env_int("GATEWAY_ROLLUP_GRACE_SECONDS", 120, minimum=0)
@@ -202,6 +211,7 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {
         "schedule": 3600,
     },
     "settle-stale-holds": {"task": "billing.holds_settle_stale", "schedule": 300},
+    "expire-jobs": {"task": "billing.jobs_expire", "schedule": 300},
     "sync-keys": {
         "task": "tenants.virtual_keys_sync",
         "schedule": GATEWAY_KEY_SYNC_INTERVAL_SECONDS,

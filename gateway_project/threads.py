@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from asgiref.sync import AsyncToSync, sync_to_async
@@ -40,24 +40,40 @@ class _Workers:
 
     def _work(self) -> None:
         while True:
-            loop, future, context, function, args, kwargs = self.calls.get()
+            loop, future, undo, context, function, args, kwargs = self.calls.get()
             try:
                 result = context.run(_released, function, *args, **kwargs)
             except BaseException as error:  # handed to the awaiting task
-                loop.call_soon_threadsafe(_settle, future, None, error)
+                loop.call_soon_threadsafe(_settle, future, None, error, undo)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                loop.call_soon_threadsafe(_settle, future, result, None, undo)
+
+
+Undo = Callable[[Any], Awaitable[None]]
+# Undos under way: a task is only weakly referenced by the event loop.
+_undoing: set["asyncio.Future[None]"] = set()
 
 
 def _settle(
-    future: "asyncio.Future[Any]", result: Any, error: BaseException | None
+    future: "asyncio.Future[Any]",
+    result: Any,
+    error: BaseException | None,
+    undo: Undo | None,
 ) -> None:
     if future.cancelled():
+        if undo is not None and error is None:
+            _undo(undo, result)
         return
     if error is not None:
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _undo(undo: Undo, result: Any) -> None:
+    task = asyncio.ensure_future(undo(result))
+    _undoing.add(task)
+    task.add_done_callback(_undoing.discard)
 
 
 _workers: _Workers | None = None
@@ -93,12 +109,46 @@ def _released(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 async def in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking ``function`` off the event loop and await its result;
     context variables (request id, client address) go with it."""
+    return await _in_thread(None, function, *args, **kwargs)
+
+
+async def in_thread_or_undo(
+    function: Callable[..., T],
+    undo: Callable[[T], Awaitable[None]],
+    *args: Any,
+    **kwargs: Any,
+) -> T:
+    """``in_thread`` for work whose result holds something that must be given
+    back: if the awaiting task is cancelled (its client left) while the work
+    runs, a thread cannot be stopped, so the work finishes and ``undo`` then
+    runs on its result, in the background. Nothing taken is stranded."""
+    return await _in_thread(undo, function, *args, **kwargs)
+
+
+async def _in_thread(
+    undo: Undo | None, function: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
     if getattr(AsyncToSync.executors, "current", None) is not None:
-        result: T = await sync_to_async(_released)(function, *args, **kwargs)
-        return result
+        # Under async_to_sync (tests, commands): the calling thread's.
+        work = sync_to_async(_released)(function, *args, **kwargs)
+        if undo is None:
+            result: T = await work
+            return result
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(
+                lambda done: (
+                    None
+                    if done.cancelled() or done.exception() is not None
+                    else _undo(undo, done.result())
+                )
+            )
+            raise
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     _pool().calls.put(
-        (loop, future, contextvars.copy_context(), function, args, kwargs)
+        (loop, future, undo, contextvars.copy_context(), function, args, kwargs)
     )
     return await future

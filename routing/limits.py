@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway_project.errors import GatewayError
 
@@ -165,26 +167,42 @@ def acquire(
     scopes: list[Scope], *, estimate: int, now: float | None = None
 ) -> Admission | None:
     """Admit a request against every scope at once, or raise RateLimited (429,
-    Retry-After). None when no scope has a limit. When Redis cannot be reached,
-    GATEWAY_RATE_LIMIT_FAIL_OPEN decides: admit, or refuse with 503."""
+    Retry-After). None when no scope has a limit.
+
+    When Redis cannot be reached, GATEWAY_RATE_LIMIT_FAIL_OPEN decides: admit,
+    or refuse with 503 — every call then, limited or not. Any other failure
+    of the limiter refuses (503): only a connection that cannot be made is
+    "Redis is down"."""
     limited = _limited(scopes)
     if not limited:
+        if not settings.GATEWAY_RATE_LIMIT_FAIL_OPEN and settings.REDIS_URL:
+            _guarded(lambda: _backend().ping())
         return None
     now = time.time() if now is None else now
     window, reset = int(now // WINDOW), WINDOW - int(now % WINDOW)
     keys, argv = _arguments(limited, window, reset, estimate)
+    result = _guarded(lambda: _backend().acquire(keys, argv))
+    if result is None:
+        return None  # Redis down, fail-open
+    return _admitted(result, limited, window, reset, min(estimate, MOST_TOKENS))
+
+
+def _guarded(ask: Callable[[], Any]) -> Any:
+    """``ask`` Redis; None when it is down and the limiter fails open."""
     try:
-        result = _backend().acquire(keys, argv)
+        return ask()
     except GatewayError:
         raise
-    except Exception as error:  # Redis down
+    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
         if settings.GATEWAY_RATE_LIMIT_FAIL_OPEN:
             logger.warning("rate limiter unavailable, admitting (fail-open): %s", error)
             return None
-        raise GatewayError(
-            "Rate limiter unavailable", code="rate_limiter_unavailable", http_status=503
-        ) from None
-    return _admitted(result, limited, window, reset, estimate)
+        logger.error("rate limiter unavailable, refusing (fail-closed): %s", error)
+    except Exception:
+        logger.exception("rate limiter failed, refusing")
+    raise GatewayError(
+        "Rate limiter unavailable", code="rate_limiter_unavailable", http_status=503
+    )
 
 
 def acquire_when_current(
@@ -219,15 +237,22 @@ def acquire_when_current(
     if int(result[0]) == 2:
         raise Stale
     admitted = 1 + 2 * len(limited)  # the status and the scopes' state
-    admission = _admitted(result[:admitted], limited, window, reset, estimate)
+    admission = _admitted(
+        result[:admitted], limited, window, reset, min(estimate, MOST_TOKENS)
+    )
     values: list[bytes | None] = [v or None for v in result[admitted:]]
     return (admission if limited else None), values
+
+
+# The most tokens one call may reserve: every counter stays far inside what
+# Redis's INCRBY can add up (the request path's own bounds are lower).
+MOST_TOKENS = 2**40
 
 
 def _arguments(
     limited: list[Scope], window: int, reset: int, estimate: int
 ) -> tuple[list[str], list[int]]:
-    argv: list[int] = [estimate, reset]
+    argv: list[int] = [max(0, min(estimate, MOST_TOKENS)), reset]
     keys: list[str] = []
     for scope in limited:
         keys += _keys(scope, window)
@@ -308,6 +333,9 @@ class _RedisBackend:
     def acquire(self, keys: list[str], argv: list[int]) -> list[Any]:
         return self._run(self.script, keys, argv)
 
+    def ping(self) -> None:
+        self.client.ping()
+
     def acquire_when_current(self, keys: list[str], argv: list[Any]) -> list[Any]:
         return self._run(self.script_when_current, keys, argv)
 
@@ -358,6 +386,9 @@ class _MemoryBackend:
     def __init__(self) -> None:
         self.values: dict[str, int] = {}
         self.lock = threading.Lock()
+
+    def ping(self) -> None:
+        return None
 
     def acquire(self, keys: list[str], argv: list[int]) -> list[Any]:
         estimate, ttl = argv[0], argv[1]

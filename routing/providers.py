@@ -289,11 +289,7 @@ async def call(target: Target, kind: str, body: dict[str, Any]) -> Completion:
             raise
         except Exception as error:
             raise provider_error(error) from error
-    usage = result.get("usage") or {}
-    prompt, completion = (
-        int(usage.get("prompt_tokens") or 0),
-        int(usage.get("completion_tokens") or 0),
-    )
+    prompt, completion = reported_usage(result.get("usage")) or (0, 0)
     # litellm reports zeros when the upstream sent no usage: count them here.
     reported = prompt + completion > 0
     if not reported:
@@ -312,6 +308,29 @@ async def call(target: Target, kind: str, body: dict[str, Any]) -> Completion:
         completion_tokens=completion,
         usage_reported=reported,
     )
+
+
+# The usage record keeps token counts as PostgreSQL integers.
+_MOST_TOKENS = 2**31 - 1
+
+
+def reported_usage(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an upstream's ``usage`` object; None
+    when it sent none, or counts that are not whole numbers in range (then
+    the gateway counts them itself)."""
+    if not isinstance(usage, dict) or not usage:
+        return None
+    counts = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name) or 0
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        if not 0 <= value <= _MOST_TOKENS:
+            return None
+        counts.append(value)
+    return counts[0], counts[1]
 
 
 async def stream(
@@ -460,3 +479,8 @@ def estimate_tokens(
         prompt = max(1, len(json.dumps(messages)) // 4)
         completion = (len(completion_text) + 3) // 4
     return prompt, completion
+
+
+def text_tokens(target: Target, text: str) -> int:
+    """Tokens of ``text`` as ``estimate_tokens`` counts a completion."""
+    return estimate_tokens(target, {"prompt": ""}, text)[1] if text else 0

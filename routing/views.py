@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API (/v1/): thin async views over routing/pipeline.py."""
+"""The OpenAI-compatible API (/v1/): thin async views over the request path (routing/inference/)."""
 
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +13,7 @@ from django.views.decorators.http import require_GET, require_POST
 from gateway_project import metrics
 from gateway_project.errors import GatewayError, error_response
 from gateway_project.middleware import database_unavailable
-from routing import pipeline
+from routing.inference import entry
 
 View = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
@@ -56,31 +56,31 @@ def openai_view(view: View) -> Any:
 @openai_view
 @require_POST
 async def chat_completions(request: HttpRequest) -> HttpResponseBase:
-    return await pipeline.handle(request, "chat")
+    return await entry.handle(request, "chat")
 
 
 @openai_view
 @require_POST
 async def completions(request: HttpRequest) -> HttpResponseBase:
-    return await pipeline.handle(request, "completion")
+    return await entry.handle(request, "completion")
 
 
 @openai_view
 @require_POST
 async def embeddings(request: HttpRequest) -> HttpResponseBase:
-    return await pipeline.handle(request, "embedding")
+    return await entry.handle(request, "embedding")
 
 
 @openai_view
 @require_GET
 async def models(request: HttpRequest) -> HttpResponseBase:
-    return await pipeline.models(request)
+    return await entry.models(request)
 
 
 @openai_view
 @require_POST
 async def generate(request: HttpRequest) -> HttpResponseBase:
-    return await pipeline.generate(request)
+    return await entry.generate(request)
 
 
 def _job_view(
@@ -98,5 +98,5 @@ def _job_view(
     return csrf_exempt(view)
 
 
-job_llm_call = _job_view(pipeline.job_llm_call)
-job_llm_call_stream = _job_view(pipeline.job_llm_call_stream)
+job_llm_call = _job_view(entry.job_llm_call)
+job_llm_call_stream = _job_view(entry.job_llm_call_stream)

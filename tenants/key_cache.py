@@ -23,6 +23,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Max, Q
@@ -30,6 +31,7 @@ from django.utils import timezone
 
 from gateway_project.cache import cache, cache_names
 from gateway_project.generations import generation_bump, generation_changed
+from gateway_project.metrics import BACKGROUND_FAILURES
 from tenants.models import KeyStatus, Organization, Team, VirtualKey
 
 logger = logging.getLogger(__name__)
@@ -192,28 +194,47 @@ def _raw_name(name: str) -> str:
     return f"{prefix}:{name}" if prefix else name
 
 
-def key_last_used_flush() -> int:
+def key_last_used_flush() -> dict[str, int]:
     """Write the stamps collected in Redis to ``last_used_at``; returns how many
-    keys were stamped. A flush interrupted half-way is resumed by the next."""
+    keys were stamped and how many stamps failed (malformed or refused by the
+    database: logged, counted and dropped, never blocking the others). A
+    flush interrupted half-way is resumed by the next."""
+    done = {"flushed": 0, "failed": 0}
     if not _redis_configured():
-        return 0
+        return done
     from django_redis import get_redis_connection
 
     client = get_redis_connection("default")
     live, flushing = _raw_name(LAST_USED_HASH), _raw_name(LAST_USED_HASH + ":flushing")
     if not client.exists(flushing):
         if not client.exists(live):
-            return 0
+            return done
         client.rename(live, flushing)
-    stamps = {int(pk): int(seconds) for pk, seconds in client.hgetall(flushing).items()}
     with transaction.atomic():
-        for pk, seconds in sorted(stamps.items()):
-            stamp = datetime.fromtimestamp(seconds, tz=UTC)
-            VirtualKey.objects.filter(pk=pk).filter(
-                Q(last_used_at__isnull=True) | Q(last_used_at__lt=stamp)
-            ).update(last_used_at=stamp)
+        # In one order, so that two flushes of the same hash never deadlock.
+        for field, value in sorted(client.hgetall(flushing).items()):
+            try:
+                pk, stamp = int(field), datetime.fromtimestamp(int(value), tz=UTC)
+                # A savepoint: a stamp the database refuses undoes only itself.
+                with transaction.atomic():
+                    VirtualKey.objects.filter(pk=pk).filter(
+                        Q(last_used_at__isnull=True) | Q(last_used_at__lt=stamp)
+                    ).update(last_used_at=stamp)
+            except SoftTimeLimitExceeded:
+                raise  # the task's time is up: stop, not the stamp's fault
+            except Exception:
+                # The field is a key's pk (never its secret), or garbage.
+                logger.exception(
+                    "last_used stamp of key %r could not be written", field
+                )
+                BACKGROUND_FAILURES.labels(work="key_last_used_flush").inc()
+                done["failed"] += 1
+                continue
+            done["flushed"] += 1
+    # A stamp that failed is dropped: retrying a malformed one would fail
+    # every flush, and the next use of the key stamps it again.
     client.delete(flushing)
-    return len(stamps)
+    return done
 
 
 def virtual_keys_expire(*, now: datetime) -> int:
@@ -235,7 +256,8 @@ def _latest_change() -> datetime | None:
 def virtual_keys_sync(*, now: datetime) -> dict[str, Any]:
     """Key sync: mark expired keys, invalidate the cache when any organization,
     team or key changed since the last sync (also changes made behind the
-    services' back), and flush ``last_used`` stamps. Idempotent."""
+    services' back), and flush ``last_used`` stamps (a stamp that fails is
+    logged and counted in ``last_used_failed``). Idempotent."""
     expired = virtual_keys_expire(now=now)
     latest = _latest_change()
     try:
@@ -252,8 +274,10 @@ def virtual_keys_sync(*, now: datetime) -> dict[str, Any]:
             cache.set(SYNCED_THROUGH, latest, timeout=None)
         except Exception as error:
             logger.warning("key sync cannot reach Redis: %s", error)
+    flushed = key_last_used_flush()
     return {
         "expired": expired,
         "invalidated": changed,
-        "last_used_flushed": key_last_used_flush(),
+        "last_used_flushed": flushed["flushed"],
+        "last_used_failed": flushed["failed"],
     }

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 
 from billing import statements
 from billing.models import CreditAccount, LedgerEntry, UsageRecord
@@ -34,6 +34,22 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def _ledger_stays_consistent():
     yield
     assert_ledger_consistent()
+
+
+def _wait_until_blocked_by_us(timeout: float = 10.0) -> None:
+    """Until another connection waits for a lock this connection holds
+    (pg_locks is live, unlike pg_stat_activity within a transaction)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted"
+                " AND pg_backend_pid() = ANY(pg_blocking_pids(pid)))"
+            )
+            if cursor.fetchone()[0]:
+                return
+        assert time.monotonic() < deadline, "nothing waited for our lock"
+        time.sleep(0.01)
 
 
 def _warm(client, key) -> None:
@@ -167,7 +183,8 @@ def test_a_streams_hold_is_written_while_the_provider_opens_it(client, fake_upst
         while fake_upstream.calls("money") < 2:
             assert time.monotonic() < deadline, "the provider was not asked"
             time.sleep(0.01)
-        caller.join(0.5)
+        # The caller now waits on our row lock: until we let go, it cannot end.
+        _wait_until_blocked_by_us()
         assert caller.is_alive() and not answered  # waiting for the hold
 
     caller.join(10)

@@ -21,9 +21,10 @@ from billing.reconciliation import holds_settle_stale
 from billing.services import call_settle, team_open
 from billing.tests.ledger import assert_ledger_consistent
 from billing.tests.prices import price
+from billing.tests.settlements import settlement
 from gateway_project.money import MICROS
+from routing.inference.route import routes_forget
 from routing.models import Deployment
-from routing.pipeline import routes_forget
 from routing.services import model_group_create
 from tenants.models import BudgetMode
 from tenants.services import organization_create, team_update
@@ -282,7 +283,7 @@ def test_settlement_is_idempotent_by_request_id(client, fake_upstream):
     entries = LedgerEntry.objects.count()
 
     again = call_settle(
-        team=team, request_id=response["x-request-id"], charge_micros=999_999
+        settlement(team, response["x-request-id"], charge_micros=999_999)
     )
 
     assert again == record
@@ -407,8 +408,8 @@ def test_a_process_killed_mid_call_leaves_a_visible_hold(running_server, fake_up
     first = holds_settle_stale(older_than=timedelta(0), now=later)
     second = holds_settle_stale(older_than=timedelta(0), now=later)
     assert (first, second) == (
-        {"captured": 0, "released": 1},
-        {"captured": 0, "released": 0},
+        {"captured": 0, "released": 1, "failed": 0, "journaled": 0, "replayed": 0},
+        {"captured": 0, "released": 0, "failed": 0, "journaled": 0, "replayed": 0},
     )
     account = CreditAccount.objects.get(team=team)
     assert (account.held_micros, account.balance_micros) == (0, 100 * MICROS)

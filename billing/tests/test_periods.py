@@ -2,6 +2,7 @@
 services with injected time, by hand, and on a real Celery worker."""
 
 import io
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -9,6 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
+from billing import periods
 from billing.models import CreditAccount, LedgerEntry, LedgerEntryType
 from billing.periods import budgets_reset, credit_account_refill, credit_accounts_refill
 from billing.services import credit_account_open, credits_allocate, credits_hold
@@ -64,8 +66,8 @@ def test_windows_that_ended_are_reset_once(team):
     first = budgets_reset(now=NOW)
     second = budgets_reset(now=NOW)
 
-    assert first == {"organization": 1, "team": 1, "virtualkey": 1}
-    assert second == {"organization": 0, "team": 0, "virtualkey": 0}
+    assert first == {"organization": 1, "team": 1, "virtualkey": 1, "failed": 0}
+    assert second == {"organization": 0, "team": 0, "virtualkey": 0, "failed": 0}
     key.refresh_from_db()
     assert (
         key.budget_window_start,
@@ -133,9 +135,9 @@ def test_auto_refill_tops_up_once_per_period(organization):
     low_id = account.pk
     full_id = CreditAccount.objects.get(team=full).pk
     assert (first, second, next_month) == (
-        {"refilled": 2, "already_refilled": 0},
-        {"refilled": 0, "already_refilled": 2},
-        {"refilled": 2, "already_refilled": 0},
+        {"refilled": 2, "already_refilled": 0, "failed": 0},
+        {"refilled": 0, "already_refilled": 2, "failed": 0},
+        {"refilled": 2, "already_refilled": 0, "failed": 0},
     )
     assert _refills(low) == [
         (40 * MICROS, f"refill:{low_id}:2026-11-01T00:00"),
@@ -205,4 +207,68 @@ def test_resets_and_refills_run_on_a_real_worker_twice_with_one_effect(
     assert (key.budget_window_start, key.budget_spent_micros) == (month, 0)
     assert [amount for amount, _ in _refills(team)] == [50 * MICROS]
     assert CreditAccount.objects.get(team=team).balance_micros == 150 * MICROS
+    assert_ledger_consistent()
+
+
+@pytest.mark.django_db
+def test_a_window_that_cannot_be_reset_is_logged_and_the_others_reset(
+    team, caplog, monkeypatch
+):
+    # Given an organization, a team and a key whose windows ended, and a team
+    # row that cannot be rolled.
+    key = _spent_world(team)
+    roll = periods._roll
+
+    def roll_but_not_the_team(entity, now):
+        if isinstance(entity, Team):
+            raise ValueError("corrupt window")
+        return roll(entity, now)
+
+    monkeypatch.setattr(periods, "_roll", roll_but_not_the_team)
+
+    with caplog.at_level(logging.ERROR, logger="billing.periods"):
+        result = budgets_reset(now=NOW)
+
+    # Then the team is logged, counted and left; the others are reset.
+    assert result == {"organization": 1, "team": 0, "virtualkey": 1, "failed": 1}
+    assert [r.getMessage() for r in caplog.records if r.name == "billing.periods"] == [
+        f"budget windows of team {team.pk} could not be reset"
+    ]
+    assert "corrupt window" in caplog.text
+    team.refresh_from_db()
+    assert (team.quota_period_start, team.quota_requests_used) == (
+        datetime(2026, 10, 1, tzinfo=UTC),
+        70,
+    )
+    key.refresh_from_db()
+    assert (key.budget_window_start, key.quota_requests_used) == (NOVEMBER, 0)
+
+
+@pytest.mark.django_db
+def test_an_account_that_cannot_be_refilled_is_logged_and_the_others_refill(
+    organization, caplog
+):
+    # Given an account in its overdraft whose refill level is the largest
+    # amount a ledger row holds: topping it up takes one micro-credit more,
+    # which the database refuses (bigint out of range).
+    huge = _team_with(organization, "team_huge", credits=1, level=None)
+    account = CreditAccount.objects.get(team=huge)
+    CreditAccount.objects.filter(pk=account.pk).update(
+        overdraft_limit_micros=1,
+        auto_refill_amount_micros=2**63 - 1,
+        auto_refill_period=BudgetPeriod.MONTHLY,
+    )
+    credits_hold(team=huge, amount_micros=MICROS + 1, request_id="req_overdraft")
+    low = _team_with(organization, "team_low", credits=10, level=50)
+
+    with caplog.at_level(logging.ERROR, logger="billing.periods"):
+        result = credit_accounts_refill(now=NOW)
+
+    assert result == {"refilled": 1, "already_refilled": 0, "failed": 1}
+    assert [r.getMessage() for r in caplog.records if r.name == "billing.periods"] == [
+        f"credit account {account.pk} could not be refilled"
+    ]
+    assert _refills(huge) == []
+    assert CreditAccount.objects.get(pk=account.pk).balance_micros == -1
+    assert CreditAccount.objects.get(team=low).balance_micros == 50 * MICROS
     assert_ledger_consistent()

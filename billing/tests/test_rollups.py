@@ -258,6 +258,26 @@ def test_records_land_in_their_hour_and_day_across_boundaries(team):
 
 
 @pytest.mark.django_db
+def test_a_record_with_malformed_fallbacks_is_rolled_up_with_the_others(team):
+    # Given records of one hour, two of whose attempt lists were written
+    # behind the services' back (hours roll up in order: one record that
+    # raised would stop the rollups of every tenant).
+    hour = datetime(2026, 3, 1, 10, tzinfo=UTC)
+    _record(team, "req_ints", hour, fallbacks_tried=[1, 2, 3])
+    _record(team, "req_dict", hour, fallbacks_tried={"deployment": "mock-a"})
+    _record(team, "req_fell_back", hour, fallbacks_tried=FALLBACK)
+
+    done = usage_roll_up(now=hour + timedelta(hours=1) + GRACE)
+
+    assert done == {"hours": 1, "hour_rows": 1, "days": 1, "day_rows": 1}
+    assert list(
+        UsageRollup.objects.order_by("granularity").values_list(
+            "granularity", "requests", "fallbacks"
+        )
+    ) == [("day", 3, 1), ("hour", 3, 1)]
+
+
+@pytest.mark.django_db
 def test_records_within_the_grace_period_wait_for_the_next_run(team):
     _record(team, "req_early", datetime(2026, 3, 1, 10, 30, tzinfo=UTC))
     _record(team, "req_late", datetime(2026, 3, 1, 11, 59, 50, tzinfo=UTC))

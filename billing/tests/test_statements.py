@@ -14,9 +14,10 @@ from django.db import connections
 from django.utils import timezone
 
 from billing import statements
-from billing.models import CreditAccount, LedgerEntry, UsageRecord, UsageStatus
+from billing.models import CreditAccount, LedgerEntry, UsageRecord
 from billing.services import InsufficientCredits, call_settle, credits_hold
 from billing.tests.ledger import assert_ledger_consistent
+from billing.tests.settlements import settlement
 from gateway_project.money import MICROS
 from tenants.services import team_create
 
@@ -78,29 +79,6 @@ def _account(team):
     )
 
 
-def _usage(team, key, **fields):
-    values = {
-        "organization_id": team.organization_id,
-        "team_id": team.pk,
-        "virtual_key": key,
-        "endpoint": "chat",
-        "requested_model": "chat",
-        "provider_model": "openai/mock-a",
-        "prompt_tokens": 7,
-        "completion_tokens": 5,
-        "input_price_per_million_micros": 1_000_000,
-        "output_price_per_million_micros": 2_000_000,
-        "cost_micros": 17,
-        "latency_ms": 12,
-        "status": UsageStatus.SUCCESS,
-        "fallbacks_tried": [{"deployment": "mock-a", "latency_ms": 3}],
-        "metadata": {"trace": "t-1"},
-        "created_at": timezone.now(),
-    }
-    values.update(fields)
-    return values
-
-
 def _record_row(record):
     return {
         field.attname: getattr(record, field.attname)
@@ -127,17 +105,18 @@ def test_hold_and_settle_write_what_the_services_write(
     for subject, statements_on in ((team, True), (twin, False)):
         orm_only(statements_on)
         assert statements.available() is statements_on
-        key = None
         # When a call holds, then settles
         held = credits_hold(
             team=subject, amount_micros=hold, request_id=f"r-{subject.pk}"
         )
         record = call_settle(
-            team=subject,
-            request_id=f"r-{subject.pk}",
-            charge_micros=charge,
-            held_micros=held,
-            **_usage(subject, key, created_at=at),
+            settlement(
+                subject,
+                f"r-{subject.pk}",
+                charge_micros=charge,
+                held_micros=held,
+                created_at=at,
+            )
         )
         results[subject.pk] = (
             held,
@@ -191,23 +170,14 @@ def test_a_repeated_request_id_holds_once(team):
 
 
 def test_a_second_settlement_changes_nothing(team):
-    key = None
     held = credits_hold(team=team, amount_micros=2 * MICROS, request_id="r-1")
-    first = call_settle(
-        team=team,
-        request_id="r-1",
-        charge_micros=MICROS,
-        held_micros=held,
-        **_usage(team, key),
-    )
+    first = call_settle(settlement(team, "r-1", charge_micros=MICROS, held_micros=held))
     after_first = (_entries(team), _account(team), UsageRecord.objects.count())
 
     again = call_settle(
-        team=team,
-        request_id="r-1",
-        charge_micros=2 * MICROS,
-        held_micros=held,
-        **_usage(team, key, cost_micros=99),
+        settlement(
+            team, "r-1", charge_micros=2 * MICROS, held_micros=held, cost_micros=99
+        )
     )
 
     assert again.pk == first.pk
@@ -218,26 +188,20 @@ def test_a_second_settlement_changes_nothing(team):
 def test_a_charge_above_the_hold_goes_to_the_service(team, twin, orm_only):
     # A provider that overran its estimate: the service takes the rest from
     # the balance; the statement declines without writing.
-    key = None
     held = credits_hold(team=team, amount_micros=MICROS, request_id="r-over")
+    over = settlement(team, "r-over", charge_micros=3 * MICROS, held_micros=held)
     assert (
         statements.call_settle_statement(
             team_id=team.pk,
             held_micros=held,
             charge_micros=3 * MICROS,
-            record=UsageRecord(request_id="r-over", **_usage(team, key)),
+            record=over.record(credits_micros=3 * MICROS),
         )
         is None
     )
     assert UsageRecord.objects.count() == 0
 
-    record = call_settle(
-        team=team,
-        request_id="r-over",
-        charge_micros=3 * MICROS,
-        held_micros=held,
-        **_usage(team, key),
-    )
+    record = call_settle(over)
 
     assert record.credits_micros == 3 * MICROS
     assert _account(team)[:3] == (97 * MICROS, 0, 3 * MICROS)

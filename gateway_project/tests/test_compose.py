@@ -152,7 +152,21 @@ def test_postgres_and_redis_are_configured_for_the_gateway() -> None:
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     # Named volumes, so data outlives `docker compose down`.
     volumes = set(_compose()["volumes"])
-    assert {v.split(":")[0] for v in postgres["volumes"] + redis["volumes"]} == volumes
+    assert {v.split(":")[0] for v in postgres["volumes"] + redis["volumes"]} == (
+        volumes - {"journal"}
+    )
+
+
+def test_web_and_worker_share_the_settlement_journal_on_a_volume() -> None:
+    # A stream whose web process died is replayed by reconciliation on the
+    # worker: both must see the same journal directory, kept across restarts.
+    compose = _compose()
+    directory = compose["x-gateway-env"]["GATEWAY_JOURNAL_DIR"]
+
+    assert "journal" in compose["volumes"]
+    for service in ("web", "worker"):
+        assert f"journal:{directory}" in compose["services"][service]["volumes"]
+    assert f"mkdir -p {directory}" in DOCKERFILE.read_text()
 
 
 def test_web_serves_asgi_with_gunicorn_and_uvicorn_workers() -> None:

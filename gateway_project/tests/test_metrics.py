@@ -157,11 +157,11 @@ def test_log_lines_are_json_with_the_request_id_and_no_secret(client, team, sett
 def test_prompts_are_logged_only_when_turned_on(client, team, settings):
     settings.GATEWAY_LOG_PROMPTS = True
     _, plaintext = virtual_key_issue(team=team)
-    stream, handler = _capture("routing.pipeline")
+    stream, handler = _capture("routing.inference.settle")
     try:
         _post(client, plaintext)
     finally:
-        logging.getLogger("routing.pipeline").removeHandler(handler)
+        logging.getLogger("routing.inference.settle").removeHandler(handler)
 
     (settled,) = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert settled["prompt"] == CHAT["messages"]

@@ -47,6 +47,10 @@ class Behaviour:
     error: dict[str, Any] | str | None = None
     # Seconds to wait before the response headers.
     latency: float = 0
+    # Set as soon as a call is received (recorded), before anything else.
+    received: threading.Event | None = None
+    # Wait (at most 30 s) for this event before the response headers.
+    gate: threading.Event | None = None
     # Non-stream answers use `content`; streams use `chunks`, or `content`
     # split into about three pieces.
     content: str = DEFAULT_CONTENT
@@ -58,6 +62,9 @@ class Behaviour:
     hold: threading.Event | None = None
     # Streams: set right after the first chunk is sent.
     first_chunk_sent: threading.Event | None = None
+    # Set once the fake is done with the call: the response written out, or
+    # given up because the client hung up (see ``Recorded.hung_up``).
+    finished: threading.Event | None = None
     # False: no `usage` in bodies and no usage chunk in streams.
     usage: bool = True
     prompt_tokens: int = 7
@@ -129,6 +136,10 @@ class Recorded:
     json: dict[str, Any] | None  # the body if it is a JSON object
     headers: dict[str, str]  # lower-cased names; lookups ignore case
     body: bytes = b""
+    # True when writing the response failed because the client had hung up.
+    # (The first write into a closed connection may still succeed: a stream
+    # with more than one chunk left notices, a short answer may not.)
+    hung_up: bool = False
 
 
 class FakeUpstream:
@@ -243,10 +254,18 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def handle_one_request(self) -> None:
+        self._recorded: Recorded | None = None
+        self._behaviour: Behaviour | None = None
         try:
             super().handle_one_request()
         except (ConnectionError, TimeoutError):
             self.close_connection = True
+            if self._recorded is not None:
+                self._recorded.hung_up = True
+        finally:
+            # After the failure is noted, so that a test waiting for this sees it.
+            if self._behaviour is not None and self._behaviour.finished is not None:
+                self._behaviour.finished.set()
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -290,17 +309,16 @@ class _Handler(BaseHTTPRequestHandler):
         payload: dict[str, Any] | None = parsed if isinstance(parsed, dict) else None
         scenario, endpoint = _split_path(path)
         route = _ROUTES.get((self.command, endpoint or ""))
-        behaviour = fake._record(
-            Recorded(
-                scenario=scenario,
-                path=path,
-                method=self.command,
-                json=payload,
-                headers=_Headers({k.lower(): v for k, v in self.headers.items()}),
-                body=body,
-            ),
-            consume=route is not None,
+        self._recorded = Recorded(
+            scenario=scenario,
+            path=path,
+            method=self.command,
+            json=payload,
+            headers=_Headers({k.lower(): v for k, v in self.headers.items()}),
+            body=body,
         )
+        behaviour = fake._record(self._recorded, consume=route is not None)
+        self._behaviour = behaviour
         if route is None:
             self._send_json(
                 404,
@@ -313,6 +331,10 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
+        if behaviour.received is not None:
+            behaviour.received.set()
+        if behaviour.gate is not None:
+            behaviour.gate.wait(HOLD_TIMEOUT)
         if behaviour.latency:
             fake._closing.wait(behaviour.latency)
         if behaviour.status != 200:

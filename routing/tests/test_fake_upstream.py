@@ -539,8 +539,8 @@ def test_unknown_paths_are_404_recorded_and_do_not_advance_the_program(
 
 
 def test_a_client_hanging_up_mid_stream_is_silent(fake_upstream, client, capfd):
-    hold = threading.Event()
-    fake_upstream.program("s", hold=hold, chunks=["x" * 1000] * 100)
+    hold, finished = threading.Event(), threading.Event()
+    fake_upstream.program("s", hold=hold, finished=finished, chunks=["x" * 1000] * 100)
     try:
         with httpx.stream(
             "POST",
@@ -550,11 +550,27 @@ def test_a_client_hanging_up_mid_stream_is_silent(fake_upstream, client, capfd):
             assert next(response.iter_lines()).startswith("data: ")
     finally:
         hold.set()  # the server now writes into a closed connection
-    time.sleep(0.3)
 
+    # The fake is done with the call once it noticed the hang-up.
+    assert finished.wait(10)
+    assert fake_upstream.requests[-1].hung_up
     completion = client.chat.completions.create(model="fake-model", messages=MESSAGES)
     assert completion.choices[0].message.content == "Hello from the fake upstream."
     assert capfd.readouterr().err == ""
+
+
+def test_finished_is_set_once_a_response_is_written_out(fake_upstream):
+    finished = threading.Event()
+    fake_upstream.program("s", finished=finished)
+
+    response = httpx.post(
+        f"{fake_upstream.base('s')}/chat/completions",
+        json={"model": "m", "stream": True},
+    )
+
+    assert response.status_code == 200 and "data: [DONE]" in response.text
+    assert finished.wait(5)
+    assert not fake_upstream.requests[-1].hung_up
 
 
 def test_concurrent_calls_take_the_program_in_turn(fake_upstream):

@@ -1,5 +1,5 @@
 """The gateway end to end: the official openai SDK → gunicorn + uvicorn (ASGI)
-→ the pipeline → a provider adapter → the fake upstream, all over real HTTP.
+→ the request path (routing/inference/) → a provider adapter → the fake upstream, all over real HTTP.
 
 Every test runs twice: with the lean pass-through adapter and with litellm,
 which must behave the same."""
@@ -12,13 +12,12 @@ import httpx
 import openai
 import pytest
 
-from billing.models import CreditAccount, LedgerEntry, UsageRecord
+from billing.models import LedgerEntry, UsageRecord
 from billing.services import team_open
 from billing.tests.prices import price
 from gateway_project.money import MICROS
 from routing.models import Deployment
 from routing.services import model_group_create, provider_credential_create
-from tenants.models import VirtualKey
 from tenants.services import organization_create
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -330,12 +329,13 @@ def test_first_chunk_reaches_the_client_before_the_upstream_finishes(gateway):
 
 
 def test_client_disconnect_mid_stream_leaves_one_record(gateway):
-    hold, first_sent = threading.Event(), threading.Event()
+    hold, first_sent, finished = threading.Event(), threading.Event(), threading.Event()
     gateway["fake"].program(
         "primary",
         chunks=["partial ", "never sent"],
         hold=hold,
         first_chunk_sent=first_sent,
+        finished=finished,
     )
 
     with httpx.stream(
@@ -351,7 +351,10 @@ def test_client_disconnect_mid_stream_leaves_one_record(gateway):
     # gateway must notice, cancel the upstream call and record what it got.
     record = _wait_for_records(1)[0]
     hold.set()
-    time.sleep(0.3)
+    # The upstream's rest found the connection closed: the gateway had
+    # cancelled the call, so nothing more can reach it to settle again.
+    assert finished.wait(10)
+    assert gateway["fake"].requests[-1].hung_up
     assert UsageRecord.objects.count() == 1
     assert (record.status, record.streamed, record.http_status) == (
         "client_disconnected",
@@ -363,33 +366,6 @@ def test_client_disconnect_mid_stream_leaves_one_record(gateway):
         request_id=record.request_id, entry_type="capture"
     )
     assert -capture.held_delta_micros == record.credits_micros > 0
-
-
-def test_client_disconnect_before_an_answer_frees_its_slot_and_credits(gateway):
-    """A caller that gives up on a call still with the provider: the call is
-    recorded as failed and not charged, its hold is released and its
-    concurrency slot is free for the next call at once."""
-    VirtualKey.objects.update(max_parallel_requests=1)
-    gateway["fake"].program("primary", {"latency": 2}, {"latency": 0})
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            f"{gateway['url']}/v1/chat/completions",
-            json={"model": "chat", "messages": MESSAGES},
-            headers={"Authorization": f"Bearer {gateway['key']}"},
-            timeout=0.5,
-        )
-
-    (record,) = _wait_for_records(1)
-    assert (record.status, record.error_code, record.http_status) == (
-        "error",
-        "client_disconnected",
-        499,
-    )
-    assert record.credits_micros == 0
-    account = CreditAccount.objects.get(team__team_id="team_e2e")
-    assert (account.held_micros, account.balance_micros) == (0, 100 * MICROS)
-    answer = gateway["client"].chat.completions.create(model="chat", messages=MESSAGES)
-    assert answer.choices[0].message.content
 
 
 def test_fifty_concurrent_calls_leave_fifty_records(gateway):

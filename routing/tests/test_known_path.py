@@ -1,5 +1,5 @@
 """A call whose key and route this process has read before goes through
-``pipeline._prepare_known``: one Redis round trip proves both current, reads
+``routing.inference.prepare._prepare_known``: one Redis round trip proves both current, reads
 the cooldowns and admits the call. Whatever that trip finds stale goes the
 full way, so every change stays visible at once, and a refusal still writes
 nothing."""
@@ -10,7 +10,7 @@ from django_redis import get_redis_connection
 from billing.models import LedgerEntry, UsageRecord
 from gateway_project.cache import cache
 from routing import limits
-from routing.pipeline import _cooldown_key
+from routing.inference.route import cooldown_key as _cooldown_key
 from routing.tests.calls import chat_call
 from tenants.models import VirtualKey
 from tenants.services import virtual_key_issue, virtual_key_revoke

@@ -29,7 +29,7 @@ QUERIES_PER_CALL_ORM = 14
 # Redis round trips of a call under rate limits, once the process has read the
 # key and the route: the limit script, which also proves both current and
 # reads the deployments' cooldowns, and the pipeline that corrects the tokens
-# and frees the slot (routing/pipeline._prepare_known).
+# and frees the slot (routing/inference/prepare._prepare_known).
 REDIS_ROUND_TRIPS_PER_CALL = 2
 
 

@@ -1,6 +1,7 @@
 """Rate limits: RPM, TPM and concurrency per key, team and organization,
 exact across gateway processes, with their headers."""
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -304,3 +305,115 @@ def test_tpm_is_exact_across_two_processes(two_servers, world):
 
     # ~18 reserved then 12 kept per call: the third no longer fits, whichever process serves it.
     assert statuses == [200, 200, 429]
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
+
+
+def _held_burst(servers, plaintext, fake, calls: int):
+    """``calls`` streamed calls at once, alternating between the servers,
+    while the fake upstream holds every admitted one after its first chunk.
+    Once every call has its status (refused, or admitted and streaming),
+    returns the statuses, how many calls the upstream had received by then,
+    and the full bodies after the held calls were let finish."""
+    hold = threading.Event()
+    fake.program("rl", chunks=["a", "b"], hold=hold)
+    before = fake.calls("rl")
+    seen: list[int] = []
+
+    def one(n: int) -> tuple[int, bytes]:
+        with httpx.stream(
+            "POST",
+            f"{servers[n % 2].url}/v1/chat/completions",
+            json={**CALL, "stream": True},
+            headers={"X-API-Key": plaintext},
+            timeout=60,
+        ) as response:
+            seen.append(response.status_code)
+            return response.status_code, response.read()
+
+    with ThreadPoolExecutor(max_workers=calls) as pool:
+        futures = [pool.submit(one, n) for n in range(calls)]
+        try:
+            _wait_until(lambda: len(seen) == calls)
+            reached_upstream = fake.calls("rl") - before
+        finally:
+            hold.set()
+        results = [future.result() for future in futures]
+    return sorted(seen), reached_upstream, results
+
+
+def test_concurrent_burst_on_two_processes_admits_exactly_the_tpm_limit(
+    two_servers, world, fake_upstream
+):
+    # Given the estimate a call reserves, read from the headers of a call of
+    # another organization (so as not to touch the counters under test)
+    group = Deployment.objects.get(name="fake").model_groups.get()
+    _, _, probe_key = team_open(
+        organization=organization_create(organization_id="org_probe", name="P"),
+        team_id="team_probe",
+        credits_allocated_micros=10 * MICROS,
+        model_groups=[group],
+        tpm_limit=100_000,
+    )
+    probe = httpx.post(
+        f"{two_servers[0].url}/v1/chat/completions",
+        json={**CALL, "stream": True},
+        headers={"X-API-Key": probe_key},
+        timeout=30,
+    )
+    assert b"data: [DONE]" in probe.content
+    estimate = 100_000 - int(probe.headers["x-ratelimit-remaining-tokens"])
+    assert estimate > 0
+    # and a team whose TPM fits exactly three such estimates
+    Team.objects.filter(pk=world["team"].pk).update(tpm_limit=3 * estimate)
+    _away_from_a_minute_boundary()
+
+    # When eight calls come at once, to two processes, and stay in flight
+    statuses, reached_upstream, results = _held_burst(
+        two_servers, world["plaintext"], fake_upstream, 8
+    )
+
+    # Then exactly three were admitted, whichever process each reached
+    assert statuses == [200] * 3 + [429] * 5
+    assert reached_upstream == 3
+    refused = [json.loads(body) for status, body in results if status == 429]
+    assert {r["error"]["code"] for r in refused} == {"rate_limit_exceeded"}
+    assert all(b"data: [DONE]" in body for status, body in results if status == 200)
+
+
+def test_concurrent_calls_on_two_processes_get_exactly_the_parallel_slots(
+    two_servers, world, fake_upstream
+):
+    # Given a key allowed two calls in flight
+    VirtualKey.objects.filter(pk=world["key"].pk).update(max_parallel_requests=2)
+
+    # When six calls come at once, to two processes, and stay in flight
+    statuses, reached_upstream, results = _held_burst(
+        two_servers, world["plaintext"], fake_upstream, 6
+    )
+
+    # Then exactly two were admitted
+    assert statuses == [200] * 2 + [429] * 4
+    assert reached_upstream == 2
+    refused = [json.loads(body) for status, body in results if status == 429]
+    assert {r["error"]["code"] for r in refused} == {"rate_limit_exceeded"}
+    # and once they are settled, their slots are free for the next call
+    redis = get_redis_connection("default")
+    _wait_until(
+        lambda: (
+            UsageRecord.objects.count() == 2
+            and int(redis.get(f"rl:key:{world['key'].pk}:par") or 0) == 0
+        )
+    )
+    following = httpx.post(
+        f"{two_servers[0].url}/v1/chat/completions",
+        json=CALL,
+        headers={"X-API-Key": world["plaintext"]},
+        timeout=30,
+    )
+    assert following.status_code == 200, following.text

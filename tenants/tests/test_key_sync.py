@@ -3,18 +3,19 @@ marking and the last_used flush — by the services, by hand, by a real worker
 and on beat's schedule."""
 
 import io
+import logging
 import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from django.conf import settings
 from django.core.cache import cache
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 from django_redis import get_redis_connection
 
@@ -114,8 +115,18 @@ def test_a_change_behind_the_services_back_is_picked_up_by_key_sync(team):
     second = virtual_keys_sync(now=timezone.now())
 
     assert key_lookup(key.public_id).status == KeyStatus.REVOKED
-    assert first == {"expired": 0, "invalidated": True, "last_used_flushed": 0}
-    assert second == {"expired": 0, "invalidated": False, "last_used_flushed": 0}
+    assert first == {
+        "expired": 0,
+        "invalidated": True,
+        "last_used_flushed": 0,
+        "last_used_failed": 0,
+    }
+    assert second == {
+        "expired": 0,
+        "invalidated": False,
+        "last_used_flushed": 0,
+        "last_used_failed": 0,
+    }
 
 
 @pytest.mark.django_db(transaction=True)
@@ -156,7 +167,10 @@ def test_last_used_is_stamped_in_redis_and_flushed_once(client, team):
     assert response.status_code == 200, response.content
     assert list(stamped) == [str(key.pk).encode()]
     assert before is None
-    assert (flushed, again) == (1, 0)
+    assert (flushed, again) == (
+        {"flushed": 1, "failed": 0},
+        {"flushed": 0, "failed": 0},
+    )
     assert abs((timezone.now() - after).total_seconds()) < 10
     assert VirtualKey.objects.get(pk=key.pk).last_used_at == after
 
@@ -263,3 +277,55 @@ def test_sync_keys_command(team):
         "1 key(s) marked expired; cache invalidated; last_used flushed for 0 key(s)"
     )
     assert Team.objects.get(pk=team.pk).keys.get().status == KeyStatus.EXPIRED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_malformed_last_used_stamp_is_logged_and_the_others_flushed(team, caplog):
+    # Given stamps collected in Redis: a good one, one whose field is not a
+    # key id and one whose value is not a time.
+    good, _ = virtual_key_issue(team=team, alias="good")
+    other, _ = virtual_key_issue(team=team, alias="other")
+    stamped = int(time.time())
+    get_redis_connection("default").hset(
+        _raw_name(LAST_USED_HASH),
+        mapping={str(good.pk): stamped, "not-a-key": stamped, str(other.pk): "soon"},
+    )
+
+    with caplog.at_level(logging.ERROR, logger="tenants.key_cache"):
+        first = virtual_keys_sync(now=timezone.now())
+        second = virtual_keys_sync(now=timezone.now())
+
+    # Then the good stamp is written, the bad ones logged, counted and dropped.
+    assert (first["last_used_flushed"], first["last_used_failed"]) == (1, 2)
+    assert (second["last_used_flushed"], second["last_used_failed"]) == (0, 0)
+    assert sorted(
+        r.getMessage() for r in caplog.records if r.name == "tenants.key_cache"
+    ) == [
+        f"last_used stamp of key {str(other.pk).encode()!r} could not be written",
+        "last_used stamp of key b'not-a-key' could not be written",
+    ]
+    assert VirtualKey.objects.get(pk=good.pk).last_used_at == datetime.fromtimestamp(
+        stamped, tz=UTC
+    )
+    assert VirtualKey.objects.get(pk=other.pk).last_used_at is None
+    assert not get_redis_connection("default").exists(
+        _raw_name(LAST_USED_HASH + ":flushing")
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_keys_command_fails_after_flushing_when_a_stamp_failed(team):
+    key, _ = virtual_key_issue(team=team)
+    get_redis_connection("default").hset(
+        _raw_name(LAST_USED_HASH), mapping={str(key.pk): 1_700_000_000, "x": 1}
+    )
+    output = io.StringIO()
+
+    with pytest.raises(CommandError) as failure:
+        call_command("sync_keys", stdout=output)
+
+    assert str(failure.value) == "1 last_used stamp(s) failed (see the log)"
+    assert output.getvalue().endswith("last_used flushed for 1 key(s)\n")
+    assert VirtualKey.objects.get(pk=key.pk).last_used_at == datetime.fromtimestamp(
+        1_700_000_000, tz=UTC
+    )

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from billing.periods import budgets_reset, credit_accounts_refill
@@ -12,7 +12,8 @@ class Command(BaseCommand):
     help = (
         "Start the new budget and quota windows of organizations, teams and keys "
         "whose period has ended, then top up accounts configured for auto-refill "
-        "(once per period: running it again changes nothing)."
+        "(once per period: running it again changes nothing). A row that fails "
+        "is logged and the others go on; the command then exits with an error."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -25,3 +26,8 @@ class Command(BaseCommand):
             f"{refilled['refilled']} account(s) refilled, "
             f"{refilled['already_refilled']} already refilled this period"
         )
+        if reset["failed"] or refilled["failed"]:
+            raise CommandError(
+                f"failed (see the log): {reset['failed']} budget window(s), "
+                f"{refilled['failed']} auto-refill(s)"
+            )

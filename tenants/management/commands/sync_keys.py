@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from tenants.key_cache import key_cache_invalidate, virtual_keys_sync
@@ -31,3 +31,7 @@ class Command(BaseCommand):
             f"{'invalidated' if result['invalidated'] or options['invalidate'] else 'unchanged'}; "
             f"last_used flushed for {result['last_used_flushed']} key(s)"
         )
+        if result["last_used_failed"]:
+            raise CommandError(
+                f"{result['last_used_failed']} last_used stamp(s) failed (see the log)"
+            )
