@@ -14,7 +14,6 @@ from django.http import (
 
 from billing.models import UsageSource, UsageStatus
 from billing.settlement import Usage
-from gateway_project.errors import GatewayError
 from gateway_project.threads import in_thread
 from routing import providers, response_cache
 from routing.inference import admit, attempt, relay, settle
@@ -123,11 +122,13 @@ async def stream(request: HttpRequest, call: Call) -> HttpResponseBase:
     if call.holding is not None:
         try:
             await asyncio.shield(call.holding)
-        except GatewayError:
-            await body.refuse()
-            raise
         except asyncio.CancelledError:
             await body.finish()
+            raise
+        except Exception:
+            # Refused (402), or the database out of reach (503): nothing
+            # was held, nothing leaves, nothing is written.
+            await body.refuse()
             raise
     response = StreamingHttpResponse(body, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

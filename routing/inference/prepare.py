@@ -66,9 +66,11 @@ def _prepared(
         # A cached answer's hold is written first; a stream's may be written
         # while its first chunk is on the way (entry.stream).
         admit.hold(call, deferrable=not cache_wanted)
-    except GatewayError:
+    except BaseException:
+        # Refused (402), or the database out of reach (503): nothing was
+        # written, and the limits taken are given back at once.
         limits.release(call.admission, actual_tokens=0)
-        call.settled = True  # refused: nothing was written, nothing to settle
+        call.settled = True
         raise
     if cache_wanted:
         # Step 5: the team's response cache.

@@ -5,6 +5,7 @@ body was ever read (the server then calls ``Relay.finish``)."""
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ from routing.inference import settle
 from routing.inference.call import Call
 from routing.providers import ProviderError, Target
 
+logger = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
 # What a stream settled from the journal says of its end.
 INTERRUPTED = GatewayError(
@@ -124,16 +126,22 @@ class Relay:
         self.next_progress = now + PROGRESS_SECONDS
         prompt = self.call.estimate.prompt_tokens if self.call.estimate else 0
         completion = providers.text_tokens(self.target, "".join(self.text))
-        journal().progress(
-            settle.settlement_of(
-                self.call,
-                status=UsageStatus.INTERRUPTED,
-                target=self.target,
-                usage=Usage(prompt, completion, UsageSource.ESTIMATED),
-                error=INTERRUPTED,
-                streamed=True,
+        try:
+            journal().progress(
+                settle.settlement_of(
+                    self.call,
+                    status=UsageStatus.INTERRUPTED,
+                    target=self.target,
+                    usage=Usage(prompt, completion, UsageSource.ESTIMATED),
+                    error=INTERRUPTED,
+                    streamed=True,
+                )
             )
-        )
+        except OSError:
+            # A journal that cannot be written never breaks a stream; what
+            # it risks is a stream unpaid if this process dies too.
+            logger.exception("stream progress not journaled")
+            return
         self.call.journaled = True
 
     async def finish(self) -> None:

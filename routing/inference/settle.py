@@ -87,8 +87,8 @@ async def _settled(
 ) -> UsageRecord | None:
     if call.holding is not None:
         # A stream's hold, being written while the provider opened it, is
-        # settled with the call; a refused one wrote nothing.
-        with contextlib.suppress(GatewayError):
+        # settled with the call; a refused (or failed) one wrote nothing.
+        with contextlib.suppress(Exception):
             await call.holding
     settlement = settlement_of(
         call,

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 from django_redis import get_redis_connection
 
@@ -22,6 +22,7 @@ from billing.services import team_open
 from billing.tests.ledger import assert_ledger_consistent
 from billing.tests.prices import price
 from gateway_project.money import MICROS
+from routing.inference import admit
 from routing.models import Deployment
 from routing.services import model_group_create
 from routing.tests.fake_upstream import Behaviour
@@ -283,3 +284,65 @@ def _blocked_by_us() -> bool:
             " AND pg_backend_pid() = ANY(pg_blocking_pids(pid)))"
         )
         return bool(cursor.fetchone()[0])
+
+
+# --- the database out of reach before the provider ------------------------------
+
+
+def test_a_hold_that_cannot_reach_the_database_gives_the_slot_back(
+    client, fake_upstream, monkeypatch
+):
+    # Given a key allowed one call at a time, whose call's hold finds the
+    # database out of reach
+    _, key, plaintext = _team(fake_upstream, "team_hold_down")
+    VirtualKey.objects.filter(pk=key.pk).update(max_parallel_requests=1)
+    monkeypatch.setattr(admit, "credits_hold", _unreachable)
+
+    refused = _chat(client, plaintext)
+
+    # Then it is a 503 before any provider, nothing is written, and the slot
+    # is free: the next call, with the database back, is served
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "service_unavailable"
+    assert fake_upstream.calls("w") == 0
+    assert not UsageRecord.objects.exists()
+    assert _slot(key) == 0
+    monkeypatch.undo()
+    assert _chat(client, plaintext).status_code == 200
+
+
+def test_a_streams_late_hold_that_cannot_reach_the_database_writes_nothing(
+    client, fake_upstream, monkeypatch, settings
+):
+    # Given a team this process saw above the deferral margin, so that a
+    # stream's hold is written while the provider opens it — and fails
+    settings.GATEWAY_DEFERRED_HOLD_MARGIN = 1
+    _, key, plaintext = _team(fake_upstream, "team_late_hold")
+    VirtualKey.objects.filter(pk=key.pk).update(max_parallel_requests=1)
+    assert _chat(client, plaintext).status_code == 200
+    entries = LedgerEntry.objects.count()
+    monkeypatch.setattr(admit, "credits_hold", _unreachable)
+
+    refused = _chat(client, plaintext, stream=True)
+
+    # Then no chunk leaves, nothing is written, the slot is free (the
+    # provider was asked meanwhile: the hold was indeed left to the stream)
+    assert fake_upstream.calls("w") == 2
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "service_unavailable"
+    assert LedgerEntry.objects.count() == entries
+    assert UsageRecord.objects.count() == 1
+    assert _slot(key) == 0
+
+
+def _unreachable(**_: object) -> int:
+    raise OperationalError("connection refused")
+
+
+def _chat(client, plaintext: str, *, stream: bool = False):
+    return client.post(
+        "/v1/chat/completions",
+        {**CHAT, "stream": stream},
+        content_type="application/json",
+        HTTP_X_API_KEY=plaintext,
+    )
