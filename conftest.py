@@ -1,6 +1,7 @@
 """Shared fixtures. The suite runs against real PostgreSQL and Redis: `make test`
 starts throwaway instances and exports DATABASE_URL and REDIS_URL."""
 
+import logging
 import os
 import socket
 import subprocess
@@ -47,6 +48,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # No journal thread in the test process: a test applies what it journals
     # itself (the servers it starts keep theirs).
     settings.GATEWAY_JOURNAL_RETRY_SECONDS = 0
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # At interpreter exit, aiohttp sessions litellm left open log from their
+    # __del__, and litellm's log filters raise there (their module is already
+    # torn down): pages of tracebacks that bury the summary CI shows last.
+    logging.disable(logging.CRITICAL)
 
 
 @pytest.fixture(autouse=True)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection
 from prometheus_client import Counter
 
 from billing.models import UsageRecord
@@ -57,6 +57,10 @@ APPLIED = Counter(
     "gateway_journal_applied_total",
     "Journal lines applied to the database",
     ["kind"],
+)
+REFUSED = Counter(
+    "gateway_journal_rejected_total",
+    "Journal lines that could not be read or applied, set aside in *.rejected",
 )
 
 # The database is out of reach: try again later.
@@ -161,15 +165,11 @@ class Journal:
             except _UNREACHABLE:
                 break
             except Exception:
-                # Kept in the file for the operator; not retried forever.
-                logger.exception(
-                    "journaled settlement refused", extra={"call_id": call_id}
-                )
-                with self.lock:
-                    self.waiting.pop(call_id, None)
-                continue
-            applied += 1
-            APPLIED.labels(kind=PENDING).inc()
+                # Never applicable: set aside for the operator, not retried.
+                _reject(self.folder, PENDING, settlement)
+            else:
+                applied += 1
+                APPLIED.labels(kind=PENDING).inc()
             with self.lock:
                 self.waiting.pop(call_id, None)
                 file = self.files.get(call_id)
@@ -219,21 +219,44 @@ def _apply(settlement: Settlement) -> None:
         )
 
 
-def _lines(fd: int) -> Iterator[tuple[str, Settlement]]:
+REJECTED = ".rejected"
+
+
+def _reject(folder: Path, kind: str, settlement: Settlement | str) -> None:
+    """Set a line that cannot be read or applied aside, in ``*.rejected``
+    beside the journal: kept for the operator, never replayed, and no longer
+    shielding its call's hold from reconciliation."""
+    text = settlement if isinstance(settlement, str) else settlement.to_json()
+    name = f"{socket.gethostname()}-{os.getpid()}{REJECTED}"
+    with (folder / name).open("a") as file:
+        file.write(f"{kind} {text.rstrip()}\n")
+    REFUSED.inc()
+    logger.error("journal line set aside: it cannot be applied (see %s)", folder / name)
+
+
+def _lines(
+    fd: int, unreadable: list[str] | None = None
+) -> Iterator[tuple[str, Settlement]]:
+    """The journal's lines; ``unreadable`` gets the text of those that are
+    not (a line cut by a crash mid-write, a foreign one)."""
     with os.fdopen(os.dup(fd), "rb") as reader:
         for number, raw in enumerate(reader, start=1):
             kind, _, text = raw.decode(errors="replace").partition(" ")
             try:
                 yield kind, Settlement.from_json(text)
-            except Exception:  # a line cut by a crash mid-write, or foreign
+            except Exception:
                 logger.warning("unreadable journal line %d skipped", number)
+                if unreadable is not None:
+                    unreadable.append(raw.decode(errors="replace"))
 
 
 def journal_replay(folder: Path | None = None) -> dict[str, int]:
     """Apply the journal files of processes that are gone (nobody holds
     their lock): the last line of each call that has no usage record yet.
-    A file is deleted once all of it is applied; a database out of reach
-    stops the replay (the next one goes on)."""
+    A line that cannot be read or applied is set aside (``_reject``) and
+    counted as failed; the file is deleted once each of its lines is applied
+    or set aside. A database out of reach stops the replay (the next one goes
+    on)."""
     outcome = {"files": 0, "applied": 0, "failed": 0}
     folder = folder or directory()
     if not folder.is_dir():
@@ -251,9 +274,12 @@ def journal_replay(folder: Path | None = None) -> dict[str, int]:
             if not path.exists():
                 continue  # deleted by whoever replayed it just before
             latest: dict[str, tuple[str, Settlement]] = {}
-            for kind, settlement in _lines(fd):
+            unreadable: list[str] = []
+            for kind, settlement in _lines(fd, unreadable):
                 latest[settlement.call_id] = (kind, settlement)
-            failed = 0
+            for text in unreadable:
+                _reject(folder, "unreadable", text)
+            failed = len(unreadable)
             for batch in _batches(list(latest.values())):
                 recorded = set(
                     UsageRecord.objects.filter(
@@ -267,19 +293,20 @@ def journal_replay(folder: Path | None = None) -> dict[str, int]:
                         _apply(settlement)
                     except _UNREACHABLE:
                         raise
-                    except DatabaseError:
+                    except Exception:
                         failed += 1
                         logger.exception(
                             "journal line refused",
                             extra={"call_id": settlement.call_id},
                         )
+                        _reject(folder, kind, settlement)
                         continue
                     outcome["applied"] += 1
                     APPLIED.labels(kind=kind).inc()
             outcome["files"] += 1
             outcome["failed"] += failed
-            if not failed:
-                path.unlink()
+            # Every line is applied, or set aside: the file has done its work.
+            path.unlink()
         except _UNREACHABLE:
             logger.warning("journal replay stopped: the database is unreachable")
             break

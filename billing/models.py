@@ -266,8 +266,9 @@ class UsageStatus(models.TextChoices):
     SUCCESS = "success", "Success"
     ERROR = "error", "Error"
     CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
-    # A stream cut off by the gateway's own end (its process died): settled
-    # from the settlement journal at what it had relayed.
+    # A stream cut off before its end by the provider, or by the gateway's
+    # own end (its process died: settled from the settlement journal);
+    # charged for what it had relayed.
     INTERRUPTED = "interrupted", "Interrupted"
 
 

@@ -155,9 +155,18 @@ def holds_settle_stale(*, older_than: timedelta, now: datetime) -> dict[str, int
     # database could not take, and streams whose process died mid-way, are
     # applied (captured with their record) before any hold is called stale;
     # a hold named in a live process's journal is left to that process.
-    replayed = journal_replay()
-    journaled = journal_calls()
     outcome = {"captured": 0, "released": 0, "failed": 0, "journaled": 0}
+    try:
+        replayed = journal_replay()
+        journaled = journal_calls()
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception:
+        # Not knowing what the journal holds, no hold may be called stale.
+        logger.exception("the settlement journal could not be read: no hold settled")
+        BACKGROUND_FAILURES.labels(work="journal_replay").inc()
+        return {**outcome, "failed": 1, "replayed": 0}
+    outcome["failed"] = replayed["failed"]
     outcome["replayed"] = replayed["applied"]
     for hold in _unsettled_holds(now - older_than):
         if hold.request_id in journaled:

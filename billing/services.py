@@ -419,9 +419,10 @@ def _settle(
     """Capture ``charge_micros`` of a request's hold and release the rest.
 
     Returns what was captured. A charge above the hold (a provider that
-    overran) is taken from the balance down to the overdraft floor, never
-    below; the shortfall is reported in the capture's reason. Rows of the
-    request in this account only: another account's are never touched.
+    overran), or after the hold was released, is taken from the balance down
+    to the overdraft floor, never below; the shortfall is reported in the
+    capture's reason. Rows of the request in this account only: another
+    account's are never touched.
     """
     # The request's hold, capture and release rows, in one read.
     entries = dict(
@@ -434,17 +435,29 @@ def _settle(
             ],
         ).values_list("idempotency_key", "held_delta_micros")
     )
-    if f"capture:{request_id}" in entries or f"release:{request_id}" in entries:
+    if f"capture:{request_id}" in entries:
         return 0  # already settled
     held = entries.get(f"hold:{request_id}", 0)
+    reason = ""
+    if f"release:{request_id}" in entries:
+        # The hold went back already: reconciliation took the call for dead
+        # (it outlived GATEWAY_STALE_HOLD_SECONDS), or it failed. What it
+        # costs now comes from the balance, as a charge above a hold does.
+        held = 0
+        reason = "captured after its hold was released"
     captured = min(charge_micros, held)
     extra = charge_micros - captured
     if extra > 0:
         floor = -account.overdraft_limit_micros
         extra = max(0, min(extra, account.balance_micros - floor))
-    reason = ""
     if captured + extra < charge_micros:
-        reason = f"uncollected {charge_micros - captured - extra} micro-credits (balance exhausted)"
+        shortfall = charge_micros - captured - extra
+        reason = " ".join(
+            filter(
+                None,
+                [reason, f"uncollected {shortfall} micro-credits (balance exhausted)"],
+            )
+        )
     if captured or extra:
         _entry(
             account,

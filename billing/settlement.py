@@ -9,7 +9,7 @@ exactly as it would have been.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -189,7 +189,11 @@ class Settlement:
 
     @classmethod
     def from_json(cls, text: str) -> "Settlement":
+        """Read a line back; fields this build does not know (a line written
+        by another version) are left out, and missing ones take defaults."""
         value = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        value = {k: v for k, v in value.items() if k in known}
         value["usage"] = Usage(**value["usage"])
         value["price"] = Price(**value["price"])
         value["created_at"] = datetime.fromisoformat(value["created_at"])

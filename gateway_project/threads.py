@@ -151,4 +151,13 @@ async def _in_thread(
     _pool().calls.put(
         (loop, future, undo, contextvars.copy_context(), function, args, kwargs)
     )
-    return await future
+    if undo is None:
+        return await future
+    try:
+        return await future
+    except asyncio.CancelledError:
+        # Cancelled in the loop turn between the result's arrival and this
+        # task's wake-up: the result is there, and must be undone too.
+        if future.done() and not future.cancelled() and future.exception() is None:
+            _undo(undo, future.result())
+        raise

@@ -169,6 +169,7 @@ async def stream(
         ) as response:
             if response.status >= 400:
                 raise _error(response.status, await response.text())
+            # An OpenAI stream ends with [DONE]: without it, it was cut.
             async for line in response.content:
                 data = line.strip()
                 if not data.startswith(b"data:"):
@@ -187,6 +188,7 @@ async def stream(
                 ):
                     raise _error(502, json.dumps(chunk))
                 yield chunk
+            raise _error(502, "Upstream closed the stream before its end")
     except TimeoutError:
         raise _timeout_error(target) from None
     except aiohttp.ClientError as error:

@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from accounts.models import AuditLogEntry, Role, User
+from gateway_project.inputs import MetadataField
 
 
 class StrictSerializer(serializers.Serializer):  # type: ignore[type-arg]
@@ -39,7 +40,7 @@ class UserCreateInput(StrictSerializer):
     display_name = serializers.CharField(max_length=150, required=False, default="")
     password = serializers.CharField(trim_whitespace=False)
     role = serializers.ChoiceField(choices=Role.choices, default=Role.USER)
-    metadata = serializers.DictField(required=False, default=dict)
+    metadata = MetadataField(required=False, default=dict)
 
 
 class UserUpdateInput(StrictSerializer):
@@ -48,7 +49,7 @@ class UserUpdateInput(StrictSerializer):
     password = serializers.CharField(trim_whitespace=False, required=False)
     role = serializers.ChoiceField(choices=Role.choices, required=False)
     is_active = serializers.BooleanField(required=False)
-    metadata = serializers.DictField(required=False)
+    metadata = MetadataField(required=False)
 
 
 class AuditLogQuery(serializers.Serializer):  # type: ignore[type-arg]

@@ -15,6 +15,7 @@ from accounts.api.views import valid
 from billing import services
 from billing.models import Job, JobStatus
 from gateway_project.errors import GatewayError, NotFound
+from gateway_project.inputs import MetadataField
 from gateway_project.money import credits_json
 from tenants.api.auth import TeamKeyAuthentication, TeamKeyPrincipal
 
@@ -63,12 +64,12 @@ class JobCreateInput(StrictSerializer):
     user_id = serializers.CharField(
         max_length=200, required=False, default="", allow_blank=True
     )
-    metadata = serializers.DictField(required=False, default=dict)
+    metadata = MetadataField(required=False, default=dict)
 
 
 class JobCompleteInput(StrictSerializer):
     status = serializers.ChoiceField(choices=[JobStatus.COMPLETED, JobStatus.FAILED])
-    metadata = serializers.DictField(required=False, default=dict)
+    metadata = MetadataField(required=False, default=dict)
     error_message = serializers.CharField(required=False, default="", allow_blank=True)
 
 

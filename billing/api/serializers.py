@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from accounts.api.serializers import StrictSerializer
 from billing.models import CreditAccount, LedgerEntry
+from gateway_project.inputs import MetadataField
 from gateway_project.money import credits_json
 from tenants.api.serializers import LIFECYCLE_STATUSES, LimitsInput, limits_output
 from tenants.models import (
@@ -55,7 +56,7 @@ class TeamSettingsInput(LimitsInput):
     cache_hit_price_bps = serializers.IntegerField(
         min_value=0, max_value=10_000, required=False
     )
-    metadata = serializers.DictField(required=False)
+    metadata = MetadataField(required=False)
     model_groups = serializers.ListField(
         child=serializers.CharField(max_length=200), required=False
     )

@@ -4,6 +4,7 @@ it relayed — each applied exactly once, by the process that wrote it, by
 whoever replays a dead process's file, or by reconciliation."""
 
 import fcntl
+import json
 import os
 import signal
 import threading
@@ -12,9 +13,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from asgiref.sync import async_to_sync
 from django.db import OperationalError
-from django.test import AsyncClient
 from django.utils import timezone
 
 from billing import journal as journal_module
@@ -27,6 +26,7 @@ from billing.tests.settlements import settlement
 from billing.tests.test_money_path import CALL, _call, _open
 from gateway_project.money import MICROS
 from routing.inference import settle as settle_module
+from routing.tests.calls import stream_in_process
 from routing.tests.fake_upstream import Behaviour
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -81,7 +81,7 @@ def test_a_stream_settled_while_the_database_is_gone_is_applied_once_it_is_back(
 
     # When a stream is delivered whole, then its settlement cannot reach the
     # database
-    response, body = _stream(key)
+    response, body = stream_in_process(key, {**CALL, "stream": True})
 
     # Then the client got every chunk, nothing is recorded yet, the hold
     # stands, and the settlement is on disk
@@ -102,22 +102,6 @@ def test_a_stream_settled_while_the_database_is_gone_is_applied_once_it_is_back(
     )
     assert _captured(team, request_id) == record.credits_micros == 1_700
     assert CreditAccount.objects.get(team=team).held_micros == 0
-
-
-def _stream(key: str):
-    """A stream read whole in the event loop that served it, as a server
-    does (the sync test client would read the rest in another loop)."""
-
-    async def read():
-        response = await AsyncClient().post(
-            "/v1/chat/completions",
-            {**CALL, "stream": True},
-            content_type="application/json",
-            headers={"X-API-Key": key},
-        )
-        return response, b"".join([part async for part in response.streaming_content])
-
-    return async_to_sync(read)()
 
 
 def test_a_plain_call_held_first_is_answered_and_its_settlement_journaled(
@@ -163,6 +147,34 @@ def test_a_call_whose_hold_waited_fails_when_its_settlement_cannot_be_written(
     )
     assert LedgerEntry.objects.count() == entries
     assert CreditAccount.objects.get(team=team).held_micros == 0
+
+
+def test_a_call_neither_the_database_nor_the_journal_takes_is_not_answered(
+    client, fake_upstream, database_down_once, monkeypatch, caplog
+):
+    # Given a call held first, whose settlement finds the database gone and
+    # the journal's disk unwritable
+    team, key = _open(fake_upstream)
+    database_down_once()
+
+    def disk_full(self, value):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal_module.Journal, "pending", disk_full)
+
+    # When it is called
+    with caplog.at_level("CRITICAL", logger=settle_module.logger.name):
+        response = _call(client, key)
+
+    # Then it is refused rather than answered unpaid: 503, nothing recorded,
+    # its hold left for reconciliation to release, and the settlement in the
+    # critical log line so an operator can write it by hand
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert not UsageRecord.objects.exists()
+    [line] = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert json.loads(line.settlement)["call_id"] == response["x-request-id"]
+    assert CreditAccount.objects.get(team=team).held_micros > 0
 
 
 def _dead_process_file(folder, *lines: tuple[str, object]) -> None:
@@ -279,7 +291,9 @@ def test_a_live_processs_journal_is_left_to_it(fake_upstream, journal_dir):
     assert _captured(team, "req_live") == 700
 
 
-def test_a_line_cut_by_a_crash_is_skipped(fake_upstream, journal_dir, caplog):
+def test_a_line_cut_by_a_crash_is_set_aside_and_the_rest_applied(
+    fake_upstream, journal_dir, caplog
+):
     team, _ = _open(fake_upstream)
     held = credits_hold(team=team, amount_micros=MICROS, request_id="req_cut")
     _dead_process_file(
@@ -289,8 +303,93 @@ def test_a_line_cut_by_a_crash_is_skipped(fake_upstream, journal_dir, caplog):
     with (journal_dir / "gone-1-abcd.journal").open("a") as file:
         file.write('progress {"call_id": "req_cu')  # the process died here
 
-    assert journal_replay() == {"files": 1, "applied": 1, "failed": 0}
+    assert journal_replay() == {"files": 1, "applied": 1, "failed": 1}
     assert "unreadable journal line 2 skipped" in caplog.text
+    assert not list(journal_dir.glob("*.journal"))
+    (rejected,) = journal_dir.glob("*.rejected")
+    assert rejected.read_text() == 'unreadable progress {"call_id": "req_cu\n'
+
+
+def test_a_line_of_another_version_is_applied_with_what_this_one_knows(
+    fake_upstream, journal_dir
+):
+    # Given a dead process's line, written by a build whose settlement had
+    # a field this one does not know
+    team, _ = _open(fake_upstream)
+    held = credits_hold(team=team, amount_micros=MICROS, request_id="req_other")
+    line = json.loads(
+        settlement(team, "req_other", charge_micros=1_700, held_micros=held).to_json()
+    )
+    line["reasoning_tokens"] = 0
+    (journal_dir / "gone-2-abcd.journal").write_text(f"pending {json.dumps(line)}\n")
+
+    # Then it is applied, not lost
+    assert journal_replay() == {"files": 1, "applied": 1, "failed": 0}
+    assert _captured(team, "req_other") == 1_700
+
+
+def test_a_line_that_cannot_be_applied_never_blocks_the_others(
+    fake_upstream, journal_dir
+):
+    # Given a dead process's file with a line the database cannot store (a
+    # lone surrogate, as an older build could write) and a good one
+    team, _ = _open(fake_upstream)
+    bad_hold = credits_hold(team=team, amount_micros=MICROS, request_id="req_bad")
+    good_hold = credits_hold(team=team, amount_micros=MICROS, request_id="req_good")
+    bad = json.loads(
+        settlement(team, "req_bad", charge_micros=5, held_micros=bad_hold).to_json()
+    )
+    bad["error_message"] = "bad \ud800 thing"
+    good = settlement(team, "req_good", charge_micros=7, held_micros=good_hold)
+    (journal_dir / "gone-3-abcd.journal").write_text(
+        f"pending {json.dumps(bad)}\npending {good.to_json()}\n"
+    )
+
+    # When reconciliation runs
+    outcome = holds_settle_stale(
+        older_than=timedelta(0), now=timezone.now() + timedelta(seconds=1)
+    )
+
+    # Then the good line is applied, the bad one set aside (counted as
+    # failed), and its hold, no longer shielded, released as stale
+    assert outcome == {
+        "captured": 0,
+        "released": 1,
+        "failed": 1,
+        "journaled": 0,
+        "replayed": 1,
+    }
+    assert _captured(team, "req_good") == 7
+    assert CreditAccount.objects.get(team=team).held_micros == 0
+    assert len(list(journal_dir.glob("*.rejected"))) == 1
+
+
+def test_a_call_settled_after_reconciliation_released_its_hold_still_pays(
+    fake_upstream,
+):
+    # Given a call that outlived the stale-hold age: reconciliation released
+    # its hold while the provider was still answering
+    team, _ = _open(fake_upstream)
+    held = credits_hold(team=team, amount_micros=MICROS, request_id="req_long")
+    assert (
+        holds_settle_stale(
+            older_than=timedelta(0), now=timezone.now() + timedelta(seconds=1)
+        )["released"]
+        == 1
+    )
+
+    # When its settlement comes
+    record = call_settle(
+        settlement(team, "req_long", charge_micros=1_700, held_micros=held)
+    )
+
+    # Then it is charged all the same, from the balance
+    assert record.credits_micros == 1_700
+    capture = LedgerEntry.objects.get(request_id="req_long", entry_type="capture")
+    assert (capture.amount_micros, capture.held_delta_micros) == (-1_700, 0)
+    assert capture.reason == "captured after its hold was released"
+    account = CreditAccount.objects.get(team=team)
+    assert (account.balance_micros, account.held_micros) == (100 * MICROS - 1_700, 0)
 
 
 def test_a_worker_killed_mid_stream_is_charged_for_what_it_relayed(

@@ -3,7 +3,9 @@ provider is called. What is taken here is on the call (``Call.admission``,
 ``held_micros``, ``budget_reserved_micros``) and given back by its one
 settlement (settle.py)."""
 
+import json
 from functools import partial
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -17,10 +19,20 @@ from routing import limits, providers
 from routing.inference.call import Call, Estimate
 from tenants.models import VirtualKey
 
+# What a request sends upstream beside its messages' text, counted as the
+# JSON it is (a little over what a provider bills for it: the hold errs high).
+_STRUCTURED = ("tools", "functions", "tool_choice", "response_format", "prediction")
+# Tokens held for each image, audio clip or file a message carries: above
+# what a provider bills for one high-detail image.
+MEDIA_TOKENS = 2_000
+_MEDIA = {"image_url", "image", "input_image", "input_audio", "audio", "file"}
+
 
 def estimate(call: Call) -> Estimate:
-    """The most a call may use: the prompt counted, plus ``choices`` times
-    the largest of ``max_tokens`` and ``max_completion_tokens``. A caller that
+    """The most a call may use: the prompt counted (its messages' text, and
+    whatever else goes upstream: tools, schemas, structured contents, an
+    allowance per media part), plus, per prompt, ``choices`` times the
+    largest of ``max_tokens`` and ``max_completion_tokens``. A caller that
     gives neither gets the cap GATEWAY_DEFAULT_MAX_TOKENS, sent upstream as
     ``max_tokens``, so that no answer can outgrow the estimate. Counted once
     per call: the limits and the hold share it."""
@@ -41,13 +53,50 @@ def estimate(call: Call) -> Estimate:
             body["max_tokens"] = cap
         choices = body.get("n") or 1
         if call.endpoint == "completion":
-            # Completions generate best_of candidates and bill them all.
-            choices = max(choices, body.get("best_of") or 1)
+            # Completions generate best_of candidates and bill them all, for
+            # each prompt of a list.
+            choices = max(choices, body.get("best_of") or 1) * _prompts(body)
         completion = choices * cap
     target = next((t for t in call.targets if t.deployment_id in call.prices), None)
-    prompt = providers.estimate_tokens(target, body, "")[0] if target else 0
+    prompt = 0
+    if target is not None:
+        prompt = providers.estimate_tokens(target, body, "")[0]
+        uncounted, media = _beside_the_text(body)
+        if uncounted:
+            prompt += providers.text_tokens(target, json.dumps(uncounted))
+        prompt += media * MEDIA_TOKENS
     call.estimate = Estimate(prompt, completion)
     return call.estimate
+
+
+def _prompts(body: dict[str, Any]) -> int:
+    """How many prompts a completion request holds: a list of strings or of
+    token lists is one each; a string or one token list is one."""
+    given = body.get("prompt")
+    if isinstance(given, list) and given and not isinstance(given[0], int):
+        return len(given)
+    return 1
+
+
+def _beside_the_text(body: dict[str, Any]) -> tuple[list[Any], int]:
+    """What goes upstream that a count of the messages' text misses, and how
+    many media parts the messages carry."""
+    uncounted: list[Any] = [body[name] for name in _STRUCTURED if name in body]
+    media = 0
+    for message in body.get("messages") or []:
+        for name, value in message.items():
+            if name in ("role", "name") or (
+                name == "content" and isinstance(value, str)
+            ):
+                continue
+            uncounted.append(value)
+            if name == "content" and isinstance(value, list):
+                media += sum(
+                    1
+                    for part in value
+                    if isinstance(part, dict) and part.get("type") in _MEDIA
+                )
+    return uncounted, media
 
 
 def scopes(key: VirtualKey) -> list[limits.Scope]:

@@ -13,6 +13,13 @@ import math
 from typing import Any
 
 from gateway_project.errors import GatewayError
+from gateway_project.inputs import (
+    depth,
+    metadata_problem,
+    storable_text,
+    suspect,
+    unstorable,
+)
 
 # Bounds of the numeric parameters: (integer only, lowest, highest).
 MAX_OUTPUT_TOKENS = 1_048_576
@@ -30,31 +37,42 @@ _RANGES: dict[str, tuple[bool, float, float]] = {
     "seed": (True, -(2**63), 2**63 - 1),
     "dimensions": (True, 1, 65_536),
 }
-METADATA_MAX_BYTES = 16_384
-METADATA_MAX_DEPTH = 8
 _MAX_NAME = 256
 _MAX_LIST = 4_096
+# Nesting of a whole body: far beyond any real request, far within what the
+# provider adapters' JSON encoders can recurse through.
+MAX_DEPTH = 64
 
 
 def json_body(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object. NaN, infinities, nesting past what
-    the parser allows and NUL in any string are refused here."""
+    """A request body as a JSON object, in UTF-8. NaN, infinities, numbers
+    out of range, nesting deeper than MAX_DEPTH, and strings the database
+    cannot store (NUL, unpaired surrogates) are refused here."""
     try:
-        body = json.loads(raw or b"{}", parse_constant=_non_finite, parse_float=_finite)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        body = json.loads(
+            raw.decode("utf-8-sig") if raw else "{}",
+            parse_constant=_non_finite,
+            parse_float=_finite,
+        )
+    except (ValueError, RecursionError):
         raise GatewayError(
             "Request body is not valid JSON", code="invalid_json"
         ) from None
     if not isinstance(body, dict):
         raise GatewayError("Request body must be a JSON object", code="invalid_json")
-    # A NUL can only come as the escape \u0000: look for it only when the
-    # raw text has one (an escaped backslash before "u0000" is a false alarm).
-    if b"\\u0000" in raw:
+    # Each check only where the raw text could fail it (cheap on every call).
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and depth(body) > MAX_DEPTH:
+        raise GatewayError(
+            f"Request body is nested deeper than {MAX_DEPTH} levels",
+            code="invalid_json",
+        )
+    if suspect(raw):
         for name, value in body.items():
-            if _has_nul(name) or _has_nul(value):
+            if unstorable(name) or unstorable(value):
                 raise GatewayError(
-                    f"{name} must not contain the NUL character (\\u0000)",
-                    param=str(name).replace("\x00", ""),
+                    f"{storable_text(name)} must not contain the NUL character "
+                    "(\\u0000) or unpaired surrogates",
+                    param=storable_text(name),
                 )
     return body
 
@@ -68,21 +86,6 @@ def _finite(text: str) -> float:
 
 def _non_finite(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON number")
-
-
-def _has_nul(value: Any) -> bool:
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
 
 
 def validate(endpoint: str, body: dict[str, Any]) -> None:
@@ -153,37 +156,13 @@ def _logit_bias(value: Any) -> None:
 
 
 def metadata_validate(value: Any, *, param: str) -> None:
-    """The caller's metadata, kept on the usage record: an object (or null),
-    at most METADATA_MAX_BYTES as JSON and METADATA_MAX_DEPTH deep."""
+    """The caller's metadata, kept on the usage record: an object (or null)
+    the database can store, of bounded size and depth (gateway_project/inputs.py)."""
     if value is None:
         return
-    if not isinstance(value, dict):
-        raise GatewayError(f"{param} must be an object", param=param)
-    if _depth(value) > METADATA_MAX_DEPTH:
-        raise GatewayError(
-            f"{param} may be nested at most {METADATA_MAX_DEPTH} levels deep",
-            param=param,
-        )
-    if len(json.dumps(value, ensure_ascii=False).encode()) > METADATA_MAX_BYTES:
-        raise GatewayError(
-            f"{param} must be at most {METADATA_MAX_BYTES} bytes as JSON", param=param
-        )
-    if _has_nul(value):
-        raise GatewayError(
-            f"{param} must not contain the NUL character (\\u0000)", param=param
-        )
-
-
-def _depth(value: Any) -> int:
-    deepest = 0
-    pending = [(value, 1)]
-    while pending:
-        item, level = pending.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            children = item.values() if isinstance(item, dict) else item
-            pending.extend((child, level + 1) for child in children)
-    return deepest
+    problem = metadata_problem(value)
+    if problem is not None:
+        raise GatewayError(f"{param} {problem}", param=param)
 
 
 # --- /v1/generate (seed 004) -------------------------------------------------

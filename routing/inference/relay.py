@@ -77,7 +77,9 @@ class Relay:
             self.status = UsageStatus.SUCCESS
             yield DONE
         except ProviderError as failure:
-            self.status = UsageStatus.ERROR
+            # The provider broke the stream after output went out: that
+            # output is paid for, as a stream the client cut is.
+            self.status = UsageStatus.INTERRUPTED
             self.error = GatewayError(
                 failure.message, code=failure.code, http_status=failure.status
             )
@@ -152,11 +154,6 @@ class Relay:
         self.finished = True
         if not self.started:
             self._take(self.first)  # generated, though never sent
-        if self.status != UsageStatus.SUCCESS:
-            # Not running (its reader is gone or finished): closing frees the
-            # upstream connection at once.
-            with contextlib.suppress(Exception):
-                await self.chunks.aclose()
         text = "".join(self.text)
         counted = providers.reported_usage(self.usage)
         if counted is None:  # the stream ended (or was cut) before any usage
@@ -167,7 +164,9 @@ class Relay:
             else UsageSource.PROVIDER
         )
         usage = Usage(*counted, source=source)
-        await settle.settle(
+        # The settlement starts before anything else is awaited: a second
+        # cancellation (a shutdown) cannot stop it, it is shielded.
+        settling = settle.settle(
             self.call,
             status=self.status,
             target=self.target,
@@ -175,6 +174,14 @@ class Relay:
             error=self.error,
             streamed=True,
         )
+        try:
+            await settling
+        finally:
+            if self.status != UsageStatus.SUCCESS:
+                # Not running (its reader is gone or finished): closing frees
+                # the upstream connection.
+                with contextlib.suppress(Exception):
+                    await self.chunks.aclose()
         if self.status == UsageStatus.SUCCESS and self.call.cache_key is not None:
             await in_thread(
                 response_cache.store,

@@ -33,6 +33,7 @@ from billing.settlement import (
 )
 from gateway_project import metrics
 from gateway_project.errors import GatewayError
+from gateway_project.inputs import storable_text
 from gateway_project.middleware import database_unavailable
 from gateway_project.threads import in_thread
 from routing import limits
@@ -154,7 +155,7 @@ def settlement_of(
         http_status=error.http_status if error else 200,
         error_code=error.code if error else "",
         # An upstream's message may carry what the database cannot store.
-        error_message=error.message.replace("\x00", "") if error else "",
+        error_message=storable_text(error.message) if error else "",
         streamed=streamed,
         cached=cached,
         fallbacks_tried=call.attempts,
@@ -187,11 +188,11 @@ def _write(call: Call, settlement: Settlement) -> UsageRecord | None:
     except (OperationalError, InterfaceError) as failure:
         # The next calls hold first, and fail before any provider is asked.
         statements.available_forget()
+        refusal = database_unavailable(failure)
         if settlement.unheld_micros is not None:
-            refusal = database_unavailable(failure)
-            journal().pending(_failed(settlement, refusal))
+            _journal(_failed(settlement, refusal), refusal)
             raise refusal from None
-        journal().pending(settlement)
+        _journal(settlement, refusal)
         record = None
     finally:
         released()
@@ -201,6 +202,22 @@ def _write(call: Call, settlement: Settlement) -> UsageRecord | None:
         virtual_key_touch(key=call.key)
     _count(call, record or settlement.record(credits_micros=settlement.charge_micros))
     return record
+
+
+def _journal(settlement: Settlement, refusal: GatewayError) -> None:
+    """Journal a settlement the database did not take. A journal that cannot
+    be written either (disk full, folder gone) leaves the call unrecorded:
+    said loudly, with everything needed to write it by hand, and the call
+    answered 503 where it has not been answered yet."""
+    try:
+        journal().pending(settlement)
+    except OSError:
+        logger.critical(
+            "settlement lost: neither the database nor the journal took it",
+            exc_info=True,
+            extra={"settlement": settlement.to_json()},
+        )
+        raise refusal from None
 
 
 def _failed(settlement: Settlement, error: GatewayError) -> Settlement:

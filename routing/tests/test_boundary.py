@@ -10,10 +10,11 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from billing.models import CreditAccount, LedgerEntry, UsageRecord
+from billing.models import CreditAccount, Job, LedgerEntry, UsageRecord
 from billing.tests.test_money_path import CALL, _open
 from gateway_project.money import MICROS
 from routing import limits
+from routing.tests.calls import stream_in_process
 from routing.tests.fake_upstream import Behaviour
 from tenants.models import BudgetMode, Team
 
@@ -301,3 +302,174 @@ def test_a_limiter_that_fails_otherwise_never_admits(
     _refused_with_nothing_written(
         response, fake_upstream, "rate_limiter_unavailable", None, status=503
     )
+
+
+# --- what the hold counts beside the messages' text ----------------------------
+
+
+def test_the_hold_counts_tools_and_schemas_sent_upstream(client, fake_upstream):
+    # Given a tool whose description is 20,000 words, and an upstream that
+    # bills every one of them
+    team, key = _open(fake_upstream)
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "description": "word " * 20_000, "parameters": {}},
+    }
+    fake_upstream.program(
+        "money", Behaviour(prompt_tokens=20_008, completion_tokens=10)
+    )
+
+    response = _post(client, key, {**CALL, "max_tokens": 10, "tools": [tool]})
+
+    # Then the hold covered them: nothing uncollected
+    assert response.status_code == 200, response.content
+    assert _held(team) >= 20_008 * 1 * 100
+    capture = LedgerEntry.objects.get(account__team=team, entry_type="capture")
+    assert capture.reason == "" and capture.amount_micros == 0
+
+
+def test_the_hold_counts_each_prompt_of_a_completion_list(client, fake_upstream):
+    team, key = _open(fake_upstream)
+    fake_upstream.program("money", Behaviour(completion_tokens=100 * 1_000))
+
+    response = _post(
+        client,
+        key,
+        {"model": "chat", "prompt": ["a"] * 100, "max_tokens": 1_000},
+        path="/v1/completions",
+    )
+
+    assert response.status_code == 200, response.content
+    assert _held(team) >= 100 * 1_000 * 2 * 100
+    capture = LedgerEntry.objects.get(account__team=team, entry_type="capture")
+    assert capture.reason == ""
+
+
+def test_the_hold_allows_for_each_image(client, fake_upstream):
+    team, key = _open(fake_upstream)
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    content = [{"type": "text", "text": "what is this"}, image, image]
+
+    response = _post(
+        client,
+        key,
+        {
+            "model": "chat",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": content}],
+        },
+    )
+
+    assert response.status_code == 200, response.content
+    assert _held(team) >= 2 * 2_000 * 1 * 100
+
+
+# --- more hostile input -----------------------------------------------------------
+
+
+SURROGATE = "\ud800"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({**CALL, "metadata": {"t": SURROGATE}}, "metadata"),
+        ({**CALL, "model": f"chat{SURROGATE}"}, "model"),
+        ({**CALL, "user": SURROGATE}, "user"),
+    ],
+    ids=["metadata", "model", "user"],
+)
+def test_unpaired_surrogates_are_refused_like_nul(client, fake_upstream, body, param):
+    _, key = _open(fake_upstream)
+
+    response = _post(client, key, json.dumps(body))
+
+    _refused_with_nothing_written(response, fake_upstream, "invalid_request", param)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_body_not_in_utf8_is_refused(client, fake_upstream, encoding):
+    _, key = _open(fake_upstream)
+
+    response = _post(
+        client, key, json.dumps({**CALL, "model": "chat\u0000"}).encode(encoding)
+    )
+
+    _refused_with_nothing_written(response, fake_upstream, "invalid_json", None)
+
+
+def test_nesting_the_providers_encoders_cannot_take_is_refused(client, fake_upstream):
+    _, key = _open(fake_upstream)
+    deep = "[" * 960 + "]" * 960
+    raw = '{"model": "chat", "messages": [{"role": "user", "content": ' + deep + "}]}"
+
+    response = _post(client, key, raw)
+
+    _refused_with_nothing_written(response, fake_upstream, "invalid_json", None)
+
+
+def test_a_provider_message_with_a_lone_surrogate_is_recorded(client, fake_upstream):
+    team, key = _open(fake_upstream)
+    fake_upstream.program(
+        "money",
+        Behaviour(status=500, error='{"error": {"message": "bad \\ud800 thing"}}'),
+    )
+
+    response = _post(client, key, CALL)
+
+    assert response.status_code == 502
+    record = UsageRecord.objects.get(request_id=response["x-request-id"])
+    assert "bad" in record.error_message and record.credits_micros == 0
+    assert CreditAccount.objects.get(team=team).held_micros == 0
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"a": NUL}, {f"a{NUL}": 1}, {"a": SURROGATE}, {"a": [[[[[[[[[1]]]]]]]]]}],
+    ids=["nul", "nul-key", "surrogate", "deep"],
+)
+def test_the_jobs_api_refuses_metadata_the_database_cannot_store(
+    client, fake_upstream, metadata
+):
+    team, key = _open(fake_upstream)
+
+    response = client.post(
+        "/api/jobs/create",
+        json.dumps({"team_id": team.team_id, "job_type": "t", "metadata": metadata}),
+        content_type="application/json",
+        HTTP_X_API_KEY=key,
+    )
+
+    assert response.status_code == 400, response.content
+    assert set(response.json()["error"]) == {"message", "type", "code", "param"}
+    assert not Job.objects.exists()
+
+
+def test_the_rest_api_refuses_json_too_deep_for_its_parser(client, fake_upstream):
+    _, key = _open(fake_upstream)
+
+    response = client.post(
+        "/api/jobs/create",
+        '{"team_id": "x", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        content_type="application/json",
+        HTTP_X_API_KEY=key,
+    )
+
+    assert response.status_code == 400, response.content
+    assert not Job.objects.exists()
+
+
+def test_a_stream_the_provider_cuts_is_charged_for_what_it_relayed(fake_upstream):
+    # Given an upstream that closes the stream after its first chunk
+    team, key = _open(fake_upstream)
+    fake_upstream.program("money", Behaviour(drop_mid_stream=True))
+
+    _, body = stream_in_process(key, {**CALL, "stream": True})
+
+    # Then the client gets the chunk, then an error event, and the call is
+    # recorded as interrupted and charged for what it relayed
+    assert b'"error"' in body and body.endswith(b"data: [DONE]\n\n")
+    record = UsageRecord.objects.get()
+    assert (record.status, record.error_code) == ("interrupted", "upstream_error")
+    assert record.completion_tokens > 0 and record.credits_micros > 0
+    assert CreditAccount.objects.get(team=team).held_micros == 0

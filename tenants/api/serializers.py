@@ -6,6 +6,7 @@ from typing import Any
 from rest_framework import serializers
 
 from accounts.api.serializers import StrictSerializer
+from gateway_project.inputs import MetadataField
 from gateway_project.money import credits_json, to_micros
 from tenants.models import (
     BudgetPeriod,
@@ -83,13 +84,13 @@ class OrganizationCreateInput(StrictSerializer):
         max_length=128, validators=[identifier_validator]
     )
     name = serializers.CharField(max_length=200)
-    metadata = serializers.DictField(required=False, default=dict)
+    metadata = MetadataField(required=False, default=dict)
 
 
 class OrganizationUpdateInput(LimitsInput):
     name = serializers.CharField(max_length=200, required=False)
     status = serializers.ChoiceField(choices=LIFECYCLE_STATUSES, required=False)
-    metadata = serializers.DictField(required=False)
+    metadata = MetadataField(required=False)
 
 
 def organization_output(organization: Organization) -> dict[str, Any]:
@@ -117,7 +118,7 @@ class KeyIssueInput(LimitsInput):
     monthly_request_quota = serializers.IntegerField(
         min_value=1, required=False, allow_null=True
     )
-    metadata = serializers.DictField(required=False, default=dict)
+    metadata = MetadataField(required=False, default=dict)
 
 
 class KeyRotateInput(StrictSerializer):
