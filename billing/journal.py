@@ -18,8 +18,9 @@ process's, and is replayed (``journal_replay``) by the next gateway process
 on the machine, by the process's successor after a restart, and by
 reconciliation before it settles stale holds. Applying is idempotent (the
 usage record is unique per call, the ledger rows per idempotency key), so
-a line applied twice is written once. A file whose lines are all applied is
-deleted by its owner, or by whoever replayed it.
+a line applied twice is written once. A file whose lines are all settled is
+emptied by its owner (deleted once it has rotated), or deleted by whoever
+replayed it.
 """
 
 import contextlib
@@ -93,11 +94,20 @@ class _File:
         self.size += len(line)
 
     def retire_if_done(self) -> None:
-        """A file no longer written, whose every line is settled, goes."""
-        if not self.current and not self.streams and not self.pending:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # before the lock goes: nobody replays it
-            os.close(self.fd)
+        """A file whose every line is settled is moot: one no longer written
+        goes; the one being written is emptied. So what a process leaves
+        when it stops, however it stops, is only what is still unsettled
+        (uvicorn ends a worker by its signal: no exit handler runs)."""
+        if self.streams or self.pending:
+            return
+        if self.current:
+            if self.size:
+                os.ftruncate(self.fd, 0)  # O_APPEND: the next line goes first
+                self.size = 0
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # before the lock goes: nobody replays it
+        os.close(self.fd)
 
 
 class Journal:

@@ -19,7 +19,8 @@ longer cover the hold.
 Each is atomic as a single statement. Whatever is not the common case — no
 account yet, not enough credits (the service words the 402), a duplicate
 request id (a unique key refuses the whole statement, and the service answers
-as it always did), a charge above the hold, jobs, key budgets — returns
+as it always did), a settlement whose hold is not open in the ledger, a charge
+above the hold, jobs, key budgets — returns
 ``None`` so that the caller runs the service instead.
 
 Each statement also returns what the team then had available (balance plus
@@ -126,7 +127,14 @@ def _settle_sql() -> str:
     account, ledger = CreditAccount._meta.db_table, LedgerEntry._meta.db_table
     fields = _usage_fields()
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
-    values = ", ".join(["%s"] * len(fields))
+    # Typed: in a SELECT list an untyped parameter would be text.
+    values = ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields)
+    # Only a hold that is in this account's ledger and not settled yet is
+    # settled here: the statement takes what it was told was held, so a
+    # settlement of a hold that was released (reconciliation), or never
+    # written (a journal line from another database), would otherwise take
+    # other calls' held credits. Then nothing is written, the usage record
+    # included (FROM account), and the service reads the ledger instead.
     # Capture, then release, as the service writes them (the ledger chains in
     # id order, and ids follow the ORDER BY): the capture leaves the balance as
     # it was (it takes from the hold), the release gives back the rest. Names
@@ -138,6 +146,11 @@ def _settle_sql() -> str:
                    held_micros = held_micros - %s,
                    used_total_micros = used_total_micros + %s
              WHERE team_id = %s
+               AND EXISTS (SELECT 1 FROM {ledger} h
+                            WHERE h.idempotency_key = %s::text
+                              AND h.account_id = {account}.id)
+               AND NOT EXISTS (SELECT 1 FROM {ledger} s
+                                WHERE s.idempotency_key IN (%s::text, %s::text))
          RETURNING id, balance_micros - %s AS before,
                    balance_micros + overdraft_limit_micros AS available
         ),
@@ -155,7 +168,8 @@ def _settle_sql() -> str:
              WHERE v.held_delta < 0
              ORDER BY v.n
         )
-        INSERT INTO {UsageRecord._meta.db_table} ({columns}) VALUES ({values})
+        INSERT INTO {UsageRecord._meta.db_table} ({columns})
+        SELECT {values} FROM account
         RETURNING id, (SELECT available FROM account)
     """  # noqa: S608
 
@@ -273,7 +287,8 @@ def call_settle_statement(
 ) -> UsageRecord | None:
     """Settle a call without a job or key budget whose charge fits in its
     hold, in one statement: capture the charge, release the rest, write the
-    (unsaved) ``record``. None when a unique key refused it (settled before):
+    (unsaved) ``record``. None when the call's hold is not open in the
+    ledger (settled before, released by reconciliation, never written):
     nothing was written, and the service answers."""
     if not 0 <= charge_micros <= held_micros:
         return None
@@ -286,6 +301,9 @@ def call_settle_statement(
         held_micros,
         charge_micros,
         team_id,
+        f"hold:{request_id}",
+        f"capture:{request_id}",
+        f"release:{request_id}",
         release,
         request_id,
         now,

@@ -3,6 +3,7 @@ cannot take is not lost, and a stream whose process dies is charged for what
 it relayed — each applied exactly once, by the process that wrote it, by
 whoever replays a dead process's file, or by reconciliation."""
 
+import contextlib
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ from billing.services import call_settle, credits_hold
 from billing.tests.ledger import assert_ledger_consistent
 from billing.tests.settlements import settlement
 from billing.tests.test_money_path import CALL, _call, _open
+from conftest import _start_server, _stop_server
 from gateway_project.money import MICROS
 from routing.inference import settle as settle_module
 from routing.tests.calls import stream_in_process
@@ -392,27 +394,43 @@ def test_a_call_settled_after_reconciliation_released_its_hold_still_pays(
     assert (account.balance_micros, account.held_micros) == (100 * MICROS - 1_700, 0)
 
 
-def test_a_worker_killed_mid_stream_is_charged_for_what_it_relayed(
-    running_server, fake_upstream, journal_dir
-):
-    # Given a stream that has relayed its first chunk and waits for the rest
+@contextlib.contextmanager
+def _relaying(fake_upstream, url, journal_dir):
+    """A stream that has relayed its first chunk, written to the journal as
+    progress, and waits for the rest (``rest``); yields its team, response,
+    the rest of its lines and ``rest``."""
     team, key = _open(fake_upstream)
     rest = threading.Event()
     fake_upstream.program(
         "money", Behaviour(chunks=["Hello there, ", "and the rest"], hold=rest)
     )
-    with httpx.stream(
-        "POST",
-        f"{running_server.url}/v1/chat/completions",
-        json={**CALL, "stream": True},
-        headers={"X-API-Key": key},
-        timeout=30,
-    ) as response:
-        lines = response.iter_lines()  # kept: dropping it would hang up
-        first = next(line for line in lines if line.startswith("data:"))
-        assert "Hello there" in first
+    try:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            json={**CALL, "stream": True},
+            headers={"X-API-Key": key},
+            timeout=30,
+        ) as response:
+            lines = response.iter_lines()  # kept: dropping it would hang up
+            assert "Hello there" in next(x for x in lines if x.startswith("data:"))
+            _until(lambda: "progress" in _lines(journal_dir))
+            yield team, response, lines, rest
+    finally:
+        rest.set()
+
+
+def test_a_worker_killed_mid_stream_is_charged_for_what_it_relayed(
+    running_server, fake_upstream, journal_dir
+):
+    # Given a stream that has relayed its first chunk and waits for the rest
+    with _relaying(fake_upstream, running_server.url, journal_dir) as (
+        team,
+        response,
+        _,
+        _,
+    ):
         request_id = response.headers["x-request-id"]
-        _until(lambda: "progress" in _lines(journal_dir))
 
         # When its process is killed
         workers = _children(running_server.process.pid)
@@ -421,7 +439,6 @@ def test_a_worker_killed_mid_stream_is_charged_for_what_it_relayed(
         running_server.process.kill()
         running_server.process.wait(10)
         _until(lambda: _unlocked(journal_dir))
-    rest.set()
     assert not UsageRecord.objects.exists()
 
     # Then the journal it left charges what it relayed, once
@@ -435,6 +452,29 @@ def test_a_worker_killed_mid_stream_is_charged_for_what_it_relayed(
     assert record.completion_tokens > 0 and record.usage_source == "estimated"
     assert _captured(team, request_id) == record.credits_micros > 0
     assert CreditAccount.objects.get(team=team).held_micros == 0
+
+
+def test_a_stopped_process_leaves_nothing_to_replay_of_settled_streams(
+    fake_upstream, journal_dir, tmp_path
+):
+    # Given a server relaying a stream, whose first chunk is out and written
+    # to the journal as progress, which then finishes and is settled
+    server = _start_server(tmp_path, "server")
+    try:
+        with _relaying(fake_upstream, server.url, journal_dir) as (_, _, lines, rest):
+            rest.set()
+            assert "data: [DONE]" in list(lines)
+        _until(lambda: UsageRecord.objects.exists())
+    finally:
+        # When it is stopped as gunicorn stops it (SIGTERM)
+        _stop_server(server)
+
+    # Then what it left holds nothing for a replay to apply: the line went
+    # with the settlement (uvicorn ends a worker by its signal, so no exit
+    # handler could have tidied up)
+    assert _lines(journal_dir) == []
+    assert journal_replay()["applied"] == 0
+    assert list(journal_dir.glob("*.journal")) == []
 
 
 def _until(condition, timeout: float = 20.0) -> None:

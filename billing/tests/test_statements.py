@@ -265,3 +265,64 @@ def _prepared_holds() -> int:
         )
         (count,) = cursor.fetchone()
     return int(count)
+
+
+@pytest.mark.parametrize("charge", [2 * MICROS, 3 * MICROS])
+def test_a_settlement_after_reconciliation_released_its_hold_takes_no_held_credits(
+    team, charge
+):
+    # Given two calls holding 3 credits each, the first one's hold released
+    # by reconciliation (it outlived GATEWAY_STALE_HOLD_SECONDS)
+    from billing.reconciliation import hold_settle
+
+    first = credits_hold(team=team, amount_micros=3 * MICROS, request_id="r-late")
+    credits_hold(team=team, amount_micros=3 * MICROS, request_id="r-live")
+    hold_settle(hold=LedgerEntry.objects.get(idempotency_key="hold:r-late"))
+    assert _account(team)[:2] == (97 * MICROS, 3 * MICROS)
+
+    # When the late call settles with what it was told it held (a full
+    # capture writes no release row, which no unique key can refuse)
+    late = settlement(team, "r-late", charge_micros=charge, held_micros=first)
+    assert (
+        statements.call_settle_statement(
+            team_id=team.pk,
+            held_micros=first,
+            charge_micros=charge,
+            record=late.record(credits_micros=charge),
+        )
+        is None
+    )
+    assert UsageRecord.objects.count() == 0
+    record = call_settle(late)
+
+    # Then its charge comes from the balance, and the live call's hold is
+    # still held in full
+    assert record.credits_micros == charge
+    assert _account(team)[:2] == (97 * MICROS - charge, 3 * MICROS)
+    capture = LedgerEntry.objects.get(idempotency_key="capture:r-late")
+    assert (capture.amount_micros, capture.held_delta_micros) == (-charge, 0)
+    assert "after its hold was released" in capture.reason
+
+
+def test_a_settlement_whose_hold_was_never_written_takes_no_held_credits(team):
+    # Given a live call holding 3 credits, and a settlement naming a hold of
+    # 3 credits the ledger never had (a journal line from another database)
+    credits_hold(team=team, amount_micros=3 * MICROS, request_id="r-live")
+    stray = settlement(team, "r-stray", charge_micros=MICROS, held_micros=3 * MICROS)
+
+    # When it is applied
+    assert (
+        statements.call_settle_statement(
+            team_id=team.pk,
+            held_micros=3 * MICROS,
+            charge_micros=MICROS,
+            record=stray.record(credits_micros=MICROS),
+        )
+        is None
+    )
+    assert UsageRecord.objects.count() == 0
+    call_settle(stray)
+
+    # Then it is charged from the balance, and the live hold is untouched
+    assert _account(team)[:2] == (96 * MICROS, 3 * MICROS)
+    assert not LedgerEntry.objects.filter(idempotency_key="release:r-stray").exists()
