@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 import httpx
@@ -22,6 +23,7 @@ from billing.journal import journal, journal_replay
 from billing.models import CreditAccount, LedgerEntry, UsageRecord
 from billing.reconciliation import holds_settle_stale
 from billing.services import call_settle, credits_hold
+from billing.settlement import Settlement
 from billing.tests.ledger import assert_ledger_consistent
 from billing.tests.settlements import settlement
 from billing.tests.test_money_path import CALL, _call, _open
@@ -523,3 +525,19 @@ def test_the_journal_rotates_and_deletes_what_is_settled(
     kept.done("req_b")
     kept.progress(settlement(team, "req_c", status="interrupted"))
     assert len(list(journal_dir.glob("*.journal"))) == 1
+
+
+def test_a_journal_line_reads_back_as_the_settlement_it_was(team):
+    # Nested metadata, attempts, a job and a deferred hold: every field
+    # survives the line (it is what a replay charges and records).
+    written = settlement(
+        team,
+        "req_line",
+        charge_micros=1_700,
+        unheld_micros=9_000,
+        job_id=uuid.uuid4(),
+        metadata={"trace": {"span": [1, "two", None]}, "ok": True},
+        fallbacks_tried=[{"deployment": "a", "error": "upstream_timeout"}],
+    )
+
+    assert Settlement.from_json(written.to_json()) == written
