@@ -385,8 +385,16 @@ def owner_ensure(
 
     Returns (user, created). An existing account keeps its password unless
     ``reset_password``; it is promoted to owner and re-activated if needed.
+    ``reset_password`` never creates an account: without one, it refuses.
     """
     existing = User.objects.filter(email__iexact=email.strip()).first()
+    if existing is None and reset_password:
+        raise GatewayError(
+            f"no account has the email {email.strip()}: --reset-password resets "
+            "an existing account's password and never creates one (leave it "
+            "out to create the owner)",
+            param="email",
+        )
     if existing is None:
         if not password:
             raise GatewayError(

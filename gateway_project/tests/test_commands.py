@@ -110,6 +110,28 @@ def test_reset_password_changes_only_the_password():
     assert User.objects.get().check_password(generated)
 
 
+def test_reset_password_for_an_unknown_email_refuses_and_creates_nothing(
+    monkeypatch,
+):
+    # Given an owner, and GATEWAY_OWNER_EMAIL naming another address
+    _run("setup_gateway", email="o@example.com", password="Long-enough-1")
+    monkeypatch.setenv("GATEWAY_OWNER_EMAIL", "someone-else@example.com")
+    before = _snapshot()
+
+    # When a password reset names an email no account has
+    with pytest.raises(CommandError, match="never creates one"):
+        _run(
+            "setup_gateway",
+            email="owner@example.com",
+            password="Another-long-1",
+            reset_password=True,
+        )
+
+    # Then nothing is written: no second owner
+    assert _snapshot() == before
+    assert list(User.objects.values_list("email", flat=True)) == ["o@example.com"]
+
+
 def test_createsuperuser_makes_an_owner(monkeypatch):
     monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "Super-user-pass-1")
 

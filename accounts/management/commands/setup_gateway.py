@@ -29,7 +29,10 @@ class Command(BaseCommand):
         parser.add_argument(
             "--reset-password",
             action="store_true",
-            help="Set the password of an existing owner (generated if not given).",
+            help=(
+                "Set the password of an existing account (generated if not "
+                "given); refuses, creating nothing, when no account has the email."
+            ),
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
