@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: run test lint typecheck bench deps dev-deps clean
+.PHONY: run test lint typecheck bench deps dev-deps clean worker beat
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ dev-deps: $(VENV)/.dev-deps
 ## run: install, migrate the embedded SQLite database, seed the demo, serve.
 run: deps
 	HOST="$(HOST)" PORT="$(PORT)" scripts/run.sh
+
+## worker, beat: Celery beside the web processes. They need a broker shared
+## with the web (REDIS_URL): the embedded default runs tasks in the web process.
+worker beat: deps
+	@if [ -z "$$REDIS_URL$$CELERY_BROKER_URL" ]; then \
+	  echo "make $@: set REDIS_URL (or CELERY_BROKER_URL) to the web processes' Redis;" \
+	  "without one, make run already runs every task in its own process." >&2; exit 2; fi
+	$(BIN)/celery -A gateway_project $@ --loglevel=INFO
 
 ## test: lint and typecheck, then the whole suite against throwaway PostgreSQL and Redis.
 test: export SECRET_KEY := make-test-only-secret-key-never-used-in-production
